@@ -1,0 +1,3 @@
+from memtl.callbacks.memory import MemoryMonitor
+
+__all__ = ["MemoryMonitor"]

@@ -1,0 +1,475 @@
+"""GLUE: task table, strict local TSV reader (original `glue_data` layout), hub fallback,
+and a Lightning DataModule with cached tokenization and dynamic padding.
+
+Labels follow the Hugging Face `nyu-mll/glue` ids, so a model trained from local files
+and one trained from the hub agree on what label 0 means.
+
+Metric key names (what `memtl.metrics.GlueMetrics` returns, before any "val/" prefix):
+every task logs its `metrics` for its first eval split under the bare name
+(`accuracy`, `f1`, `mcc`, `pearson`, `spearman`); MNLI's second eval split
+(validation_mismatched) logs the same names prefixed with `mm_` (`mm_accuracy`).
+`main_metric` names one of those keys; all of them are "higher is better".
+"""
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from memtl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# -----------------------------------------------------------------------------
+# task table
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    name: str  # config name in nyu-mll/glue
+    local_dir: str  # folder under glue_data/
+    text_keys: tuple[str, ...]  # the 1 or 2 sentence fields (hub field names)
+    num_labels: int  # 1 for regression
+    is_regression: bool
+    label_names: tuple[str, ...]  # in hub label-id order; () for regression
+    metrics: tuple[str, ...]  # computed for every eval split
+    main_metric: str  # key model selection monitors (first eval split unless prefixed)
+    eval_splits: tuple[str, ...] = ("validation",)
+    eval_prefixes: tuple[str, ...] = ("",)  # metric-key prefix per eval split
+    # local TSV layout: the column (header name; index when headerless) of each text key
+    # and of the label, and the label strings as written in the files, in label-id order
+    text_columns: tuple = ()
+    label_column: str | int = "label"
+    file_labels: tuple[str, ...] = ()  # () -> the label is a float score
+    header: bool = True
+    num_columns: int | None = None  # headerless files only
+
+    @property
+    def metric_keys(self) -> tuple[str, ...]:
+        """Every key the metrics produce over all eval splits, e.g. accuracy, mm_accuracy."""
+        return tuple(p + m for p in self.eval_prefixes for m in self.metrics)
+
+
+_BINARY = ("0", "1")
+GLUE_TASKS: dict[str, GlueTask] = {
+    t.name: t
+    for t in [
+        GlueTask("cola", "CoLA", ("sentence",), 2, False, ("unacceptable", "acceptable"),
+                 ("mcc",), "mcc",
+                 text_columns=(3,), label_column=1, file_labels=_BINARY, header=False, num_columns=4),
+        GlueTask("sst2", "SST-2", ("sentence",), 2, False, ("negative", "positive"),
+                 ("accuracy",), "accuracy",
+                 text_columns=("sentence",), file_labels=_BINARY),
+        # MRPC/QQP: GLUE reports F1 and accuracy; the MEFT paper selects and reports accuracy
+        GlueTask("mrpc", "MRPC", ("sentence1", "sentence2"), 2, False, ("not_equivalent", "equivalent"),
+                 ("accuracy", "f1"), "accuracy",
+                 text_columns=("#1 String", "#2 String"), label_column="Quality", file_labels=_BINARY),
+        GlueTask("stsb", "STS-B", ("sentence1", "sentence2"), 1, True, (),
+                 ("pearson", "spearman"), "pearson",
+                 text_columns=("sentence1", "sentence2"), label_column="score"),
+        GlueTask("qqp", "QQP", ("question1", "question2"), 2, False, ("not_duplicate", "duplicate"),
+                 ("accuracy", "f1"), "accuracy",
+                 text_columns=("question1", "question2"), label_column="is_duplicate", file_labels=_BINARY),
+        GlueTask("mnli", "MNLI", ("premise", "hypothesis"), 3, False, ("entailment", "neutral", "contradiction"),
+                 ("accuracy",), "accuracy",
+                 eval_splits=("validation_matched", "validation_mismatched"), eval_prefixes=("", "mm_"),
+                 text_columns=("sentence1", "sentence2"), label_column="gold_label",
+                 file_labels=("entailment", "neutral", "contradiction")),
+        GlueTask("qnli", "QNLI", ("question", "sentence"), 2, False, ("entailment", "not_entailment"),
+                 ("accuracy",), "accuracy",
+                 text_columns=("question", "sentence"), file_labels=("entailment", "not_entailment")),
+        GlueTask("rte", "RTE", ("sentence1", "sentence2"), 2, False, ("entailment", "not_entailment"),
+                 ("accuracy",), "accuracy",
+                 text_columns=("sentence1", "sentence2"), file_labels=("entailment", "not_entailment")),
+    ]
+}
+
+# local file of each split in the glue_data layout
+_LOCAL_FILES = {
+    "train": "train.tsv",
+    "validation": "dev.tsv",
+    "validation_matched": "dev_matched.tsv",
+    "validation_mismatched": "dev_mismatched.tsv",
+}
+
+
+def get_task(name, main_metric: str | None = None) -> GlueTask:
+    """Look a task up by name ("rte", "glue/rte", "SST-2" all work); optionally override
+    its main metric (the task yaml's `main_metric`)."""
+    if isinstance(name, GlueTask):
+        task = name
+    else:
+        key = str(name).lower().removeprefix("glue/").replace("-", "").replace("_", "")
+        if key not in GLUE_TASKS:
+            raise ConfigError(f"unknown GLUE task {name!r}; set task.name to one of {', '.join(GLUE_TASKS)}")
+        task = GLUE_TASKS[key]
+    if main_metric is not None and main_metric != task.main_metric:
+        if main_metric not in task.metric_keys:
+            raise ConfigError(f"task.main_metric={main_metric!r} is not computed for {task.name}; "
+                              f"set it to one of {', '.join(task.metric_keys)}")
+        task = dataclasses.replace(task, main_metric=main_metric)
+    return task
+
+
+# -----------------------------------------------------------------------------
+# locating and reading the files
+
+
+def default_data_root() -> Path | None:
+    """$MEMTL_DATA_ROOT if set, else `../shared/data` beside the repo root, if it exists."""
+    env = os.environ.get("MEMTL_DATA_ROOT")
+    if env:
+        path = Path(env).expanduser().resolve()
+        if not path.is_dir():
+            raise ConfigError(f"MEMTL_DATA_ROOT={env} is not a directory; unset it or point it at a "
+                              "folder laid out like ../shared/data (with glue_data/ inside)")
+        return path
+    path = (Path(__file__).resolve().parents[3] / ".." / "shared" / "data").resolve()
+    return path if path.is_dir() else None
+
+
+def _glue_dir(root: Path) -> Path:
+    # accept both the data root (holding glue_data/) and the glue_data folder itself
+    return root / "glue_data" if (root / "glue_data").is_dir() else root
+
+
+def _local_file(task: GlueTask, split: str, root: Path) -> Path:
+    return _glue_dir(root) / task.local_dir / _LOCAL_FILES[split]
+
+
+def _bad(path, line, what) -> ConfigError:
+    where = f"{path}:{line}" if line else str(path)
+    return ConfigError(f"{where}: {what}; fix or restore the file "
+                       "(see ../shared/data/README.md) or set data.root=<folder with an intact glue_data/>")
+
+
+def _parse_tsv(data: bytes, path: Path, task: GlueTask) -> list[dict]:
+    """Strictly parse one labelled GLUE TSV (raw bytes of `path`) into rows
+    {text_key: str, ..., "label": int | float}."""
+    try:
+        text = data.decode("utf-8-sig")  # MRPC files start with a BOM
+    except UnicodeDecodeError as e:
+        raise _bad(path, data.count(b"\n", 0, e.start) + 1, f"not valid UTF-8 ({e.reason})") from None
+    # QUOTE_NONE: GLUE sentences contain stray quotes that must stay part of the text
+    reader = csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE)
+    rows, ncols, cols, label_col = [], task.num_columns, task.text_columns, task.label_column
+    for fields in reader:
+        line = reader.line_num
+        if not fields or (len(fields) == 1 and not fields[0].strip()):
+            continue  # blank line (e.g. an extra trailing newline)
+        if ncols is None:  # first non-blank line of a file with a header
+            missing = [c for c in (*cols, label_col) if c not in fields]
+            if missing:
+                raise _bad(path, line, f"header {fields} lacks column(s) {missing} expected for {task.name}")
+            ncols, cols, label_col = len(fields), [fields.index(c) for c in cols], fields.index(label_col)
+            continue
+        if len(fields) != ncols:
+            raise _bad(path, line, f"expected {ncols} tab-separated columns, got {len(fields)}")
+        raw = fields[label_col].strip()
+        if task.is_regression:
+            try:
+                label = float(raw)
+            except ValueError:
+                label = math.nan
+            if not math.isfinite(label):
+                raise _bad(path, line, f"score {raw!r} is not a finite number")
+        elif raw in task.file_labels:
+            label = task.file_labels.index(raw)
+        else:
+            raise _bad(path, line, f"label {raw!r} is not one of {list(task.file_labels)}")
+        rows.append({k: fields[c] for k, c in zip(task.text_keys, cols)} | {"label": label})
+    if not rows:
+        raise _bad(path, None, "empty file (no data rows)")
+    return rows
+
+
+def read_glue_tsv(path, task) -> list[dict]:
+    """Read one local GLUE TSV file, strictly (any defect -> ConfigError naming file and line)."""
+    task, path = get_task(task), Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file; set data.root=<folder laid out like ../shared/data>")
+    return _parse_tsv(path.read_bytes(), path, task)
+
+
+class _Source:
+    """Where one split comes from: a local file or the hub. `fingerprint` identifies the
+    content cheaply (file hash / datasets fingerprint); `rows()` parses it."""
+
+    def __init__(self, task: GlueTask, split: str, root: Path | None):
+        if split not in _LOCAL_FILES:
+            raise ConfigError(f"unknown GLUE split {split!r}; use one of {', '.join(_LOCAL_FILES)}")
+        self.task, self.split, self.path, self.hub = task, split, None, None
+        where = None
+        if root is not None:
+            path = _local_file(task, split, root)
+            if path.is_file():
+                self.path, self.data = path, path.read_bytes()
+                self.fingerprint = "file:" + hashlib.sha256(self.data).hexdigest()
+                return
+            where = path
+        try:  # no local copy: fall back to the hub (fails fast when HF_HUB_OFFLINE=1)
+            import datasets
+
+            self.hub = datasets.load_dataset("nyu-mll/glue", task.name, split=split)
+        except Exception as e:
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            looked = f"no local file {where}" if where else "no local data root (data.root unset, ../shared/data missing)"
+            raise ConfigError(
+                f"GLUE {task.name}/{split}: {looked} and the Hugging Face hub is unreachable "
+                f"({type(e).__name__}: {reason}); set data.root=<folder laid out like ../shared/data, "
+                f"i.e. holding glue_data/{task.local_dir}/{_LOCAL_FILES[split]}>, or go online") from None
+        log.info("GLUE %s/%s: no local file, loaded nyu-mll/glue from the hub", task.name, split)
+        self.fingerprint = "hub:" + self.hub._fingerprint
+
+    def rows(self) -> list[dict]:
+        if self.path is not None:
+            return _parse_tsv(self.data, self.path, self.task)
+        return [{k: r[k] for k in self.task.text_keys} | {"label": r["label"]} for r in self.hub]
+
+
+def read_glue_split(task, split: str = "train", root=None) -> list[dict]:
+    """The plain reader: rows {text_key: str, ..., "label": int | float} of one split, from
+    `root` (None -> default_data_root()) in the glue_data layout, else from the hub."""
+    return _Source(get_task(task), split, _resolve_root(root)).rows()
+
+
+def _resolve_root(root) -> Path | None:
+    if root is None:
+        return default_data_root()
+    path = Path(root).expanduser().resolve()
+    if not path.is_dir():  # an explicit but wrong root must not silently go to the hub
+        raise ConfigError(f"data.root={root} ({path}) is not a directory; set data.root to a folder "
+                          "laid out like ../shared/data (with glue_data/ inside), or null for the default")
+    return path
+
+
+# -----------------------------------------------------------------------------
+# tokenized dataset, collation, length-grouped sampling
+
+
+class TokenizedSplit(Dataset):
+    """Variable-length features stored flat (one int tensor per feature + row offsets):
+    compact in memory, quick to torch.save/torch.load."""
+
+    def __init__(self, features: dict[str, torch.Tensor], offsets: torch.Tensor, labels: torch.Tensor):
+        self.features, self.offsets, self.labels = features, offsets, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        a, b = self.offsets[i].item(), self.offsets[i + 1].item()
+        return {k: v[a:b].tolist() for k, v in self.features.items()} | {"labels": self.labels[i]}
+
+    @property
+    def lengths(self) -> list[int]:
+        return self.offsets.diff().tolist()
+
+    def state(self) -> dict:
+        return {"features": self.features, "offsets": self.offsets, "labels": self.labels}
+
+
+def tokenize_rows(rows, task: GlueTask, tokenizer, max_length: int, chunk: int = 8192) -> TokenizedSplit:
+    # in chunks: python lists of token ids for a whole large task (QQP, MNLI) would take GBs
+    parts = []
+    for i in range(0, len(rows), chunk):
+        texts = [[r[k] for r in rows[i:i + chunk]] for k in task.text_keys]
+        enc = tokenizer(*texts, truncation=True, max_length=max_length)
+        parts.append({k: torch.tensor([t for x in v for t in x], dtype=torch.int32) for k, v in enc.items()})
+        parts[-1]["_len"] = torch.tensor([len(x) for x in enc["input_ids"]])
+    features = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), features.pop("_len").cumsum(0)])
+    dtype = torch.float32 if task.is_regression else torch.long
+    labels = torch.tensor([r["label"] for r in rows], dtype=dtype)
+    return TokenizedSplit(features, offsets, labels)
+
+
+class Collate:
+    """Dynamic padding to the longest sequence in the batch (DataCollatorWithPadding);
+    labels are stacked separately so their dtype stays long (float for regression)."""
+
+    def __init__(self, tokenizer):
+        from transformers import DataCollatorWithPadding
+
+        self.pad = DataCollatorWithPadding(tokenizer, padding="longest", return_tensors="pt")
+
+    def __call__(self, items):
+        labels = torch.stack([it.pop("labels") for it in items])
+        return dict(self.pad(items)) | {"labels": labels}
+
+
+class LengthGroupedSampler(Sampler):
+    """Like HF Trainer's group_by_length: shuffle, cut into mega-batches of 50 batches, sort
+    each by length (so a batch pads little), then shuffle the batch order; the longest batch
+    goes first so an out-of-memory shows up at step 1. Yields indices: a DataLoader with the
+    same batch_size cuts them back into exactly these batches (a partial batch stays last).
+    A seeded generator gives a new, reproducible order each epoch."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, mega: int = 50):
+        self.lengths, self.batch_size, self.mega = torch.tensor(lengths), batch_size, mega
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __iter__(self):
+        bs, g = self.batch_size, self.generator
+        perm = torch.randperm(len(self.lengths), generator=g)
+        # sort each mega-batch longest first, then cut it into batches
+        mega = [mb[torch.argsort(self.lengths[mb], descending=True, stable=True)] for mb in perm.split(self.mega * bs)]
+        batches = list(torch.cat(mega).split(bs))
+        tail = [batches.pop()] if len(batches[-1]) < bs else []  # must stay last to keep batch boundaries
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g)]
+        if batches:
+            longest = max(range(len(batches)), key=lambda i: self.lengths[batches[i]].max().item())
+            batches.insert(0, batches.pop(longest))
+        yield from torch.cat(batches + tail).tolist()
+
+
+# -----------------------------------------------------------------------------
+# tokenization cache
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of everything that changes token ids: class, vocabulary/normalizer/templates
+    (the fast tokenizer's full JSON, else the vocab), truncation side, model inputs."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None), spec.pop("padding", None)  # runtime state left by the last call
+        body = json.dumps(spec, sort_keys=True)
+    else:
+        body = json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    extra = [type(tokenizer).__name__, tokenizer.truncation_side, list(tokenizer.model_input_names)]
+    return hashlib.sha256((json.dumps(extra) + body).encode()).hexdigest()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MEMTL_CACHE") or "~/.cache/memtl/tokenized").expanduser()
+
+
+_CACHE_VERSION = 1  # bump when the stored format or the tokenization call changes
+
+
+# -----------------------------------------------------------------------------
+# the DataModule
+
+
+class GlueDataModule(L.LightningDataModule):
+    """One GLUE task: train split + eval splits (`task.eval_splits` order = Lightning's
+    dataloader_idx). max_train_samples / max_eval_samples keep the FIRST N rows of each
+    split (deterministic, file order) — for smoke tests and quick sweeps."""
+
+    def __init__(self, task, tokenizer, root=None, max_length: int = 128, batch_size: int = 16,
+                 eval_batch_size: int | None = None, max_train_samples: int | None = None,
+                 max_eval_samples: int | None = None, group_by_length: bool = False,
+                 num_workers: int = 0, seed: int = 42, cache_dir=None, protocol: str = "dev"):
+        super().__init__()
+        if protocol != "dev":
+            raise ConfigError(f"data.protocol={protocol!r} is not supported yet; set data.protocol=dev "
+                              "(train on train, evaluate on the official dev set)")
+        for key, value, low in [("max_length", max_length, 1), ("batch_size", batch_size, 1),
+                                ("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0),
+                                ("max_train_samples", max_train_samples, 1), ("max_eval_samples", max_eval_samples, 1)]:
+            if value is not None and (not isinstance(value, int) or value < low):
+                raise ConfigError(f"data.{key}={value!r} is invalid; set it to an integer >= {low}"
+                                  + (" or null" if key.startswith("max_") or key == "eval_batch_size" else ""))
+        if tokenizer.pad_token is None:
+            raise ConfigError("the tokenizer has no pad token, needed for dynamic padding; set one "
+                              "(e.g. tokenizer.pad_token = tokenizer.eos_token) when loading the backbone")
+        self._task = get_task(task)
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.root = _resolve_root(root)
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
+        self.group_by_length, self.num_workers, self.seed = group_by_length, num_workers, seed
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.collate = Collate(tokenizer)
+        self.train_set, self.eval_sets = None, None
+        self.cache_hits = self.cache_misses = 0
+        self._tok_fp = None
+
+    @property
+    def task(self) -> GlueTask:
+        return self._task
+
+    @property
+    def num_labels(self) -> int:
+        return self._task.num_labels
+
+    @property
+    def train_size(self) -> int:
+        if self.train_set is None:
+            self.setup("fit")
+        return len(self.train_set)
+
+    def prepare_data(self):
+        # Lightning runs this on one process per node: fill the cache before the ranks read it
+        for split in ("train", *self._task.eval_splits):
+            self._load(split)
+
+    def setup(self, stage: str | None = None):
+        if self.train_set is None and stage in (None, "fit"):
+            self.train_set = self._load("train")
+        if self.eval_sets is None:
+            self.eval_sets = [self._load(s) for s in self._task.eval_splits]
+
+    def _load(self, split: str) -> TokenizedSplit:
+        limit = self.max_train_samples if split == "train" else self.max_eval_samples
+        source = _Source(self._task, split, self.root)
+        if self._tok_fp is None:  # hashing the vocabulary costs ~0.1 s: once per data module
+            self._tok_fp = tokenizer_fingerprint(self.tokenizer)
+        import transformers
+
+        key = json.dumps([_CACHE_VERSION, source.fingerprint, self._tok_fp, transformers.__version__,
+                          self.max_length, self._task.name, split, limit])
+        path = self.cache_dir / f"{self._task.name}-{split}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
+        if path.is_file():
+            try:
+                ds = TokenizedSplit(**torch.load(path, weights_only=True))
+                self.cache_hits += 1
+                log.info("GLUE %s/%s: %d rows from cache %s", self._task.name, split, len(ds), path)
+                return ds
+            except Exception as e:  # a corrupt/old file: re-tokenize and overwrite it
+                log.warning("ignoring unreadable tokenization cache %s (%s)", path, e)
+        rows = source.rows()[:limit]
+        ds = tokenize_rows(rows, self._task, self.tokenizer, self.max_length)
+        self.cache_misses += 1
+        try:  # atomic: a concurrent reader sees the old file or the whole new one, never half
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            torch.save(ds.state(), tmp)
+            os.replace(tmp, path)
+        except OSError as e:  # caching is an optimisation: a read-only disk must not stop a run
+            log.warning("could not write tokenization cache %s (%s)", path, e)
+        log.info("GLUE %s/%s: %d rows tokenized from %s", self._task.name, split, len(ds),
+                 source.path or "the hub")
+        return ds
+
+    def _loader(self, ds, batch_size, **kw) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size, collate_fn=self.collate, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, **kw)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        if self.group_by_length:
+            sampler = LengthGroupedSampler(self.train_set.lengths, self.batch_size, self.seed)
+            return self._loader(self.train_set, self.batch_size, sampler=sampler)
+        g = torch.Generator().manual_seed(self.seed)
+        return self._loader(self.train_set, self.batch_size, shuffle=True, generator=g)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        if self.eval_sets is None:
+            self.setup("validate")
+        return [self._loader(ds, self.eval_batch_size, shuffle=False) for ds in self.eval_sets]

@@ -1,0 +1,98 @@
+"""Fine-tuning methods, applied to any Hugging Face model through one entry point.
+
+    model = memtl.apply_method(model, "lora", r=8, gradient_checkpointing=True)
+
+A method is a function ``fn(model, **options) -> model`` registered with
+``@register_method(name, options_cls)``. ``options_cls`` is a dataclass whose fields
+are the method's options (validated in ``__post_init__``); unknown option names are
+rejected with the list of valid ones. Afterwards exactly the parameters the method
+trains have ``requires_grad=True``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from memtl.errors import ConfigError
+
+_REGISTRY: dict[str, tuple[Callable[..., nn.Module], type]] = {}
+
+
+def register_method(name: str, options_cls: type):
+    def deco(fn):
+        _REGISTRY[name] = (fn, options_cls)
+        return fn
+
+    return deco
+
+
+def available_methods() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def method_options(name: str, **options: Any):
+    """Build and validate the options dataclass of method ``name``."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown method '{name}': choose one of {', '.join(sorted(_REGISTRY))}")
+    _, options_cls = _REGISTRY[name]
+    valid = {f.name for f in dataclasses.fields(options_cls)}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise ConfigError(
+            f"method '{name}' has no option {', '.join(repr(u) for u in unknown)}: "
+            f"valid options are {', '.join(sorted(valid))}"
+        )
+    return options_cls(**options)
+
+
+def apply_method(model: nn.Module, name: str, **options: Any) -> nn.Module:
+    """Prepare ``model`` for fine-tuning with method ``name``; returns the model to train.
+
+    The returned object may be a wrapper (e.g. a ``peft`` model for LoRA); always use
+    the return value.
+    """
+    opts = method_options(name, **options)
+    fn, _ = _REGISTRY[name]
+    return fn(model, opts)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable and total parameter counts (shared tensors counted once)."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return {"trainable": trainable, "total": total}
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the task-head modules of a HF model (kept trainable by every method)."""
+    names = []
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if isinstance(base, nn.Module) and isinstance(getattr(base, "pooler", None), nn.Module):
+        names.append(f"{model.base_model_prefix}.pooler")  # BERT's pooler feeds its classifier
+    for attr in ("classifier", "score", "qa_outputs"):
+        if isinstance(getattr(model, attr, None), nn.Module):
+            names.append(attr)
+    return names
+
+
+_loaded = False
+
+
+def _load_builtin() -> None:
+    # import for the side effect of registration; lazy so `import memtl` stays light
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from memtl.methods import full, lora, meft  # noqa: F401

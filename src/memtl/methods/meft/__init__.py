@@ -1,0 +1,127 @@
+"""MEFT1/2/3: make a pre-trained model reversible with adapters (Liao et al., NeurIPS 2023).
+
+    model = memtl.apply_method(model, "meft2", bottleneck=8)
+
+The pre-trained weights are frozen; adapters and the task head train. During backward
+the activations of the reversible layers are reconstructed from the layer outputs, so
+peak activation memory does not grow with depth (DESIGN §1). Layout:
+
+- ``engine.py``    the reversible ``autograd.Function`` (architecture-agnostic)
+- ``adapters.py``  the adapter module and the three variants' wiring of F, G, λ, β
+- ``bert.py``      BERT/RoBERTa: blocks, adapter placement, encoder replacement
+- ``diagnostics.py`` reconstruction error on demand + a Lightning callback
+
+Options (shared by the three names; ``None`` picks the variant's default):
+
+- ``bottleneck``: adapter width r (paper: 8).
+- ``adapter_layernorm``: LayerNorm at the input of the stand-alone F/G adapter (MEFT1/2 only).
+- ``adapter_activation``: relu | gelu | silu | swish | tanh.
+- ``adapter_dropout``: dropout inside the adapters; ``None`` = the model's
+  ``hidden_dropout_prob``, as in the authors' code.
+- ``num_rev_layers``: how many bottom layers use the reversible backward; ``None`` = all,
+  0 = plain autograd through the same maths (the correctness oracle).
+- ``lam``/``beta``: the stream scales; defaults MEFT1 0.1/1, MEFT2 1/0.1, MEFT3 0.1/0.1.
+- ``stream_dtype``: keep the two streams in this dtype (``float64``) while F and G compute
+  in the model's dtype; ``None`` = the model's dtype (the paper). The inverse divides by
+  λ/β at every layer, so stream rounding errors grow ~1/λ per layer going down; wider
+  streams make the reversible gradients closer to exact for 2× the (depth-independent)
+  stream memory. Check with ``diagnostics.reconstruction_errors``.
+- ``gradient_checkpointing``: must stay false (the reversible backward already recomputes).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from memtl.errors import ConfigError
+from memtl.methods import head_parameter_names, register_method
+from memtl.methods.meft.adapters import ACTIVATIONS, VARIANTS, Adapter
+from memtl.methods.meft.bert import MeftEncoder, install
+
+__all__ = ["MeftOptions", "MeftEncoder", "apply_meft", "VARIANTS"]
+
+
+STREAM_DTYPES = {None: None, "float32": torch.float32, "float64": torch.float64}
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass
+class MeftOptions:
+    bottleneck: int = 8
+    adapter_layernorm: bool = False
+    adapter_activation: str = "relu"
+    adapter_dropout: float | None = None  # None: the model's hidden dropout
+    num_rev_layers: int | None = None  # None: all layers
+    lam: float | None = None  # None: the variant's default
+    beta: float | None = None
+    stream_dtype: str | None = None  # None: the model's dtype; "float64": more exact inverse
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.bottleneck, int) or isinstance(self.bottleneck, bool) or self.bottleneck < 1:
+            raise ConfigError(f"method.bottleneck={self.bottleneck}: the adapter bottleneck must be an integer >= 1")
+        if self.adapter_activation not in ACTIVATIONS:
+            raise ConfigError(f"method.adapter_activation={self.adapter_activation!r}: "
+                              f"choose one of {', '.join(sorted(ACTIVATIONS))}")
+        if self.adapter_dropout is not None and not (_is_number(self.adapter_dropout) and 0 <= self.adapter_dropout < 1):
+            raise ConfigError(f"method.adapter_dropout={self.adapter_dropout}: must be in [0, 1), "
+                              "or null for the model's hidden dropout")
+        if self.num_rev_layers is not None and (
+            not isinstance(self.num_rev_layers, int) or isinstance(self.num_rev_layers, bool) or self.num_rev_layers < 0
+        ):
+            raise ConfigError(f"method.num_rev_layers={self.num_rev_layers}: must be an integer >= 0 "
+                              "(at most the number of layers), or null for all layers")
+        for key in ("lam", "beta"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if not _is_number(value) or not math.isfinite(value) or value == 0:
+                raise ConfigError(f"method.{key}={value}: must be a finite non-zero number "
+                                  f"(the inverse divides by it), or null for the variant's default")
+        if self.stream_dtype not in STREAM_DTYPES:
+            raise ConfigError(f"method.stream_dtype={self.stream_dtype!r}: choose float32 or float64, "
+                              "or null for the model's dtype")
+        if self.gradient_checkpointing:
+            raise ConfigError("method.gradient_checkpointing=true: MEFT's reversible backward already recomputes "
+                              "activations and cannot be combined with checkpointing; set it to false")
+
+
+def apply_meft(model: nn.Module, opts: MeftOptions, variant: str) -> nn.Module:
+    """Make ``model`` reversible with MEFT ``variant`` (meft1/meft2/meft3), in place."""
+    v = VARIANTS[variant]
+    if opts.adapter_layernorm and not v.rev_adapter:
+        raise ConfigError(f"method.adapter_layernorm=true: {variant} has no stand-alone F/G adapter to put a "
+                          "LayerNorm in; set it to false (it applies to meft1/meft2)")
+    lam = v.lam if opts.lam is None else float(opts.lam)
+    beta = v.beta if opts.beta is None else float(opts.beta)
+
+    model.requires_grad_(False)  # everything pre-trained is frozen ...
+    backbone = install(model, v, lam, beta, opts.num_rev_layers, opts.bottleneck, opts.adapter_activation,
+                       opts.adapter_dropout, opts.adapter_layernorm, STREAM_DTYPES[opts.stream_dtype])
+    for m in model.modules():  # ... except the adapters ...
+        if isinstance(m, Adapter):
+            m.requires_grad_(True)
+    for name in head_parameter_names(model):  # ... and the task head
+        model.get_submodule(name).requires_grad_(True)
+    if getattr(backbone, "pooler", None) is not None:  # bare BertModel: its pooler is the head
+        backbone.pooler.requires_grad_(True)
+    return model
+
+
+def _register(variant: str) -> None:
+    def apply(model: nn.Module, opts: MeftOptions) -> nn.Module:
+        return apply_meft(model, opts, variant)
+
+    apply.__name__ = apply.__qualname__ = f"apply_{variant}"
+    apply.__doc__ = f"MEFT variant {variant!r}; see memtl.methods.meft."
+    register_method(variant, MeftOptions)(apply)
+
+
+for _variant in VARIANTS:
+    _register(_variant)

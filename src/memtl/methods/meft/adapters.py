@@ -1,0 +1,117 @@
+"""Adapters and the three MEFT variants, independent of any architecture.
+
+A MEFT layer works on two streams and needs two functions, F and G (see ``engine.py``).
+Which pre-trained block plays F and which plays G is what distinguishes the variants
+(DESIGN §1.3); the architecture only has to provide three callables
+(``whole_layer``, ``attention_block``, ``feed_forward_block``) and host the adapters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from memtl.errors import ConfigError
+
+# activations an adapter may use (names as in Hydra configs)
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "tanh": nn.Tanh,
+}
+
+
+class Adapter(nn.Module):
+    """``[LayerNorm →] Linear(d→r) → act → dropout → Linear(r→d)``, starting near zero.
+
+    Weights ~ N(0, 0.02²) and zero biases, so at init the adapter's output is small and
+    the MEFT model starts close to the pre-trained one.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        bottleneck: int,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        layernorm: bool = False,
+        layernorm_eps: float = 1e-12,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"method.adapter_activation={activation!r}: choose one of {', '.join(sorted(ACTIVATIONS))}"
+            )
+        kw = {"dtype": dtype, "device": device}
+        self.layer_norm = nn.LayerNorm(dim, eps=layernorm_eps, **kw) if layernorm else None
+        self.down = nn.Linear(dim, bottleneck, **kw)
+        self.act = ACTIVATIONS[activation]()
+        self.dropout = nn.Dropout(dropout)
+        self.up = nn.Linear(bottleneck, dim, **kw)
+        for lin in (self.down, self.up):
+            nn.init.normal_(lin.weight, mean=0.0, std=0.02)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return self.up(self.dropout(self.act(self.down(x))))
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    f: str  # which callable plays F: "whole_layer" | "adapter" | "attention_block"
+    g: str  # which callable plays G: "adapter" | "whole_layer" | "feed_forward_block"
+    lam: float  # default scale of x1
+    beta: float  # default scale of x2
+    switch: bool  # pass (y2, y1) on instead of (y1, y2)
+    attn_adapter: bool  # an adapter on the attention output projection (MEFT3)
+    rev_adapter: bool  # a stand-alone adapter that plays F or G (MEFT1/2)
+
+
+VARIANTS: dict[str, Variant] = {
+    "meft1": Variant("meft1", f="whole_layer", g="adapter", lam=0.1, beta=1.0, switch=True,
+                     attn_adapter=False, rev_adapter=True),
+    "meft2": Variant("meft2", f="adapter", g="whole_layer", lam=1.0, beta=0.1, switch=True,
+                     attn_adapter=False, rev_adapter=True),
+    "meft3": Variant("meft3", f="attention_block", g="feed_forward_block", lam=0.1, beta=0.1, switch=False,
+                     attn_adapter=True, rev_adapter=False),
+}
+
+
+class MeftLayer(nn.Module):
+    """Base class of an architecture's reversible layer; provides ``f``/``g`` for the engine.
+
+    Subclasses implement ``attention_block(x, mask)``, ``feed_forward_block(h)`` and
+    ``whole_layer(x, mask)`` (with the adapters inside), and own ``rev_adapter`` when the
+    variant needs one. ``f``/``g`` take the per-layer context (the attention mask) as
+    extra, non-differentiable arguments.
+    """
+
+    variant: Variant
+    lam: float
+    beta: float
+    switch: bool
+    rev_adapter: Adapter | None
+
+    def _call(self, role: str, x: torch.Tensor, mask) -> torch.Tensor:
+        if role == "adapter":
+            return self.rev_adapter(x)
+        if role == "feed_forward_block":
+            return self.feed_forward_block(x)
+        return getattr(self, role)(x, mask)
+
+    def f(self, x: torch.Tensor, mask=None) -> torch.Tensor:
+        return self._call(self.variant.f, x, mask)
+
+    def g(self, x: torch.Tensor, mask=None) -> torch.Tensor:
+        return self._call(self.variant.g, x, mask)
+
+    def adapter_modules(self) -> list[nn.Module]:
+        return [m for m in self.modules() if isinstance(m, Adapter)]

@@ -1,0 +1,144 @@
+"""BERT-family (post-LayerNorm encoder) part of MEFT: BERT and RoBERTa.
+
+Each Hugging Face ``BertLayer``/``RobertaLayer`` is replaced by a ``BertMeftLayer``
+that takes over its sub-modules under the same names (``attention``, ``intermediate``,
+``output``), so pre-trained state-dict keys are unchanged; the adapters are added beside
+them (``ffn_adapter``, ``attn_adapter``, ``rev_adapter``). The encoder is replaced by
+``MeftEncoder``, which keeps the HF encoder's call signature, so
+``model(input_ids=..., attention_mask=..., labels=...)`` works as before.
+
+Not supported: decoders / cross-attention (``is_decoder``), KV caches. The HF
+``output_hidden_states`` hook targets ``BertLayer`` modules, which no longer exist: it
+returns an empty tuple. ``output_attentions`` still works with ``attn_implementation="eager"``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+
+from memtl.errors import ConfigError
+from memtl.methods.meft.adapters import Adapter, MeftLayer, Variant
+from memtl.methods.meft.engine import reversible_stack
+
+SUPPORTED_MODEL_TYPES = ("bert", "roberta")
+
+
+class BertMeftLayer(MeftLayer):
+    """A BERT layer split into its attention and feed-forward blocks, with adapters."""
+
+    def __init__(self, hf_layer: nn.Module, variant: Variant, lam: float, beta: float,
+                 make_adapter, make_rev_adapter):
+        super().__init__()
+        self.variant, self.lam, self.beta, self.switch = variant, lam, beta, variant.switch
+        # take over the pre-trained sub-modules under their original names
+        self.attention = hf_layer.attention
+        self.intermediate = hf_layer.intermediate
+        self.output = hf_layer.output
+        # parallel adapter on the feed-forward block (every variant)
+        self.ffn_adapter = make_adapter()
+        # MEFT3: adapter on the attention output projection
+        self.attn_adapter = make_adapter() if variant.attn_adapter else None
+        # MEFT1/2: the stand-alone adapter playing G (MEFT1) or F (MEFT2)
+        self.rev_adapter = make_rev_adapter() if variant.rev_adapter else None
+
+    def attention_block(self, x: torch.Tensor, mask=None) -> torch.Tensor:
+        """Self-attention + output projection (+ adapter) + residual + LayerNorm."""
+        context, _ = self.attention.self(x, attention_mask=mask)
+        out = self.attention.output
+        h = out.dropout(out.dense(context))
+        if self.attn_adapter is not None:
+            h = h + self.attn_adapter(h)  # sequential on the projection, as the authors' code
+        return out.LayerNorm(h + x)
+
+    def feed_forward_block(self, h: torch.Tensor) -> torch.Tensor:
+        """Intermediate + output dense, parallel adapter added before residual + LayerNorm."""
+        out = self.output
+        z = out.dropout(out.dense(self.intermediate(h)))
+        z = z + self.ffn_adapter(h)
+        return out.LayerNorm(z + h)
+
+    def whole_layer(self, x: torch.Tensor, mask=None) -> torch.Tensor:
+        return self.feed_forward_block(self.attention_block(x, mask))
+
+
+class MeftEncoder(nn.Module):
+    """Drop-in for ``BertEncoder``: two streams from the embedding output, reversible
+    stack, then the streams' average feeds the rest of the model (pooler, head)."""
+
+    def __init__(self, layers: list[BertMeftLayer], num_rev_layers: int, stream_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.layer = nn.ModuleList(layers)
+        # public: tests and experiments may switch these (num_rev_layers=0: plain autograd, same maths)
+        self.num_rev_layers = num_rev_layers
+        self.stream_dtype = stream_dtype
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, past_key_values=None, use_cache=None, **kwargs):
+        if encoder_hidden_states is not None:
+            raise ValueError("MEFT encoder: cross-attention (encoder_hidden_states) is not supported")
+        x1, x2 = reversible_stack(hidden_states, hidden_states, self.layer, context=(attention_mask,),
+                                  num_rev=self.num_rev_layers, stream_dtype=self.stream_dtype)
+        h = ((x1 + x2) / 2).to(hidden_states.dtype)  # back to the model's dtype for the head
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h)
+
+
+def find_backbone(model: nn.Module) -> nn.Module | None:
+    """The ``BertModel``/``RobertaModel`` inside ``model`` (or ``model`` itself)."""
+    if hasattr(model, "embeddings") and hasattr(model, "encoder"):
+        return model
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if isinstance(base, nn.Module) and hasattr(base, "encoder"):
+        return base
+    return None
+
+
+def _looks_like_bert_layer(layer: nn.Module) -> bool:
+    return all(
+        hasattr(obj, attr)
+        for obj, attr in [
+            (layer, "attention"), (layer, "intermediate"), (layer, "output"),
+            (getattr(layer, "attention", None), "self"), (getattr(layer, "attention", None), "output"),
+        ]
+    )
+
+
+def install(model: nn.Module, variant: Variant, lam: float, beta: float, num_rev_layers: int | None,
+            bottleneck: int, activation: str, dropout: float | None, adapter_layernorm: bool,
+            stream_dtype: torch.dtype | None = None) -> nn.Module:
+    """Swap the encoder of a BERT-family model for a MEFT encoder; returns the backbone."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    backbone = find_backbone(model)
+    layers = getattr(getattr(backbone, "encoder", None), "layer", None)
+    if model_type not in SUPPORTED_MODEL_TYPES or layers is None or not all(map(_looks_like_bert_layer, layers)):
+        if isinstance(getattr(backbone, "encoder", None), MeftEncoder):
+            raise ConfigError(f"method={variant.name}: {type(model).__name__} already has MEFT applied; "
+                              "apply a method once, to a fresh pre-trained model")
+        raise ConfigError(
+            f"method={variant.name}: model type {model_type!r} ({type(model).__name__}) is not supported; "
+            f"MEFT supports {', '.join(SUPPORTED_MODEL_TYPES)} (BERT-family encoders): choose such a backbone"
+        )
+    if config.is_decoder or getattr(config, "add_cross_attention", False):
+        raise ConfigError(f"method={variant.name}: {type(model).__name__} is configured as a decoder "
+                          "(is_decoder/add_cross_attention); MEFT supports BERT-family encoders only")
+    n = len(layers)
+    k = n if num_rev_layers is None else num_rev_layers
+    if k > n:
+        raise ConfigError(f"method.num_rev_layers={num_rev_layers}: {type(model).__name__} has {n} layers; "
+                          f"choose 0..{n}, or null for all")
+
+    ref = layers[0].output.dense.weight  # new modules follow the model's dtype and device
+    kw = dict(dim=config.hidden_size, bottleneck=bottleneck, activation=activation,
+              dropout=config.hidden_dropout_prob if dropout is None else dropout,
+              layernorm_eps=config.layer_norm_eps, dtype=ref.dtype, device=ref.device)
+    new_layers = [
+        BertMeftLayer(
+            layer, variant, lam, beta,
+            make_adapter=lambda: Adapter(**kw),
+            make_rev_adapter=lambda: Adapter(layernorm=adapter_layernorm, **kw),
+        )
+        for layer in layers
+    ]
+    backbone.encoder = MeftEncoder(new_layers, num_rev_layers=k, stream_dtype=stream_dtype)
+    return backbone

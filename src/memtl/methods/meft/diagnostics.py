@@ -1,0 +1,147 @@
+"""How exact is the inverse? Reconstruction error of the reversible layers.
+
+The backward pass reconstructs each reversible layer's inputs from its outputs. In exact
+arithmetic that is lossless; in floating point each inverse divides by λ or β, so errors
+grow from the top layer down (worst for small factors, deep stacks, low precision).
+
+``reconstruction_errors(model, batch)`` runs one forward, records the true inputs of
+every reversible layer, then walks down from the stack's output exactly as the backward
+does (same dropout masks, same precision) and compares. ``ReconstructionErrorMonitor``
+logs that every N training steps and warns above a threshold.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from memtl.methods.meft.bert import MeftEncoder
+from memtl.methods.meft.engine import layer_forward, layer_inverse
+
+try:  # Lightning is a framework dependency, but keep this module importable without it
+    from lightning.pytorch import Callback
+except ImportError:  # pragma: no cover
+    Callback = object
+
+log = logging.getLogger(__name__)
+
+# inputs the encoder depends on; labels etc. are not needed to measure reconstruction
+_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
+
+
+def find_meft_encoder(module: nn.Module) -> MeftEncoder:
+    for m in module.modules():
+        if isinstance(m, MeftEncoder):
+            return m
+    raise ValueError(f"{type(module).__name__} contains no MEFT encoder: apply meft1/meft2/meft3 first")
+
+
+def _owner_model(module: nn.Module) -> nn.Module:
+    """The outermost Hugging Face model holding the MEFT encoder (e.g. inside a LightningModule)."""
+    from transformers import PreTrainedModel
+
+    if isinstance(module, PreTrainedModel):
+        return module
+    for m in module.modules():
+        if isinstance(m, PreTrainedModel) and any(isinstance(x, MeftEncoder) for x in m.modules()):
+            return m
+    raise ValueError(f"{type(module).__name__} holds no Hugging Face model with a MEFT encoder")
+
+
+@torch.no_grad()
+def encoder_reconstruction(encoder: MeftEncoder, hidden_states: torch.Tensor, attention_mask=None) -> list[dict]:
+    """Per reversible layer (bottom first): max abs and relative error of the reconstructed inputs."""
+    layers = list(encoder.layer)[: encoder.num_rev_layers]
+    context = (attention_mask,)
+    # same precision arrangement as the encoder's forward (see reversible_stack)
+    cdt = None
+    if encoder.stream_dtype is not None and encoder.stream_dtype != hidden_states.dtype:
+        cdt, hidden_states = hidden_states.dtype, hidden_states.to(encoder.stream_dtype)
+    x1 = x2 = hidden_states
+    inputs, rngs = [], []
+    for layer in layers:
+        inputs.append((x1, x2))
+        (x1, x2), rng = layer_forward(layer, x1, x2, context, record_rng=True, compute_dtype=cdt)
+        rngs.append(rng)
+    report = [None] * len(layers)
+    for i in reversed(range(len(layers))):
+        x1, x2 = layer_inverse(layers[i], x1, x2, context, rngs[i], compute_dtype=cdt)
+        t1, t2 = inputs[i]
+        err = max((x1 - t1).abs().max().item(), (x2 - t2).abs().max().item())
+        scale = max(t1.abs().max().item(), t2.abs().max().item(), torch.finfo(t1.dtype).tiny)
+        report[i] = {"layer": i, "max_abs": err, "rel": err / scale}
+    return report
+
+
+def reconstruction_report(model: nn.Module, batch: Mapping[str, Any]) -> list[dict]:
+    """Run ``model`` on ``batch`` and report, per reversible layer, ``max_abs`` and ``rel`` error."""
+    encoder = find_meft_encoder(model)
+    hf_model = _owner_model(model)
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["h"] = args[0] if args else kwargs["hidden_states"]
+        captured["mask"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+    # fork the RNG: measuring must not shift the dropout masks of the training run
+    device = next(hf_model.parameters()).device
+    handle = encoder.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            hf_model(**{k: v for k, v in batch.items() if k in _MODEL_INPUTS})
+            return encoder_reconstruction(encoder, captured["h"], captured["mask"])
+    finally:
+        handle.remove()
+
+
+def reconstruction_errors(model: nn.Module, batch: Mapping[str, Any]) -> list[float]:
+    """Max abs error of the reconstructed inputs, one value per reversible layer (bottom first)."""
+    return [r["max_abs"] for r in reconstruction_report(model, batch)]
+
+
+class ReconstructionErrorMonitor(Callback):
+    """Every ``every_n_steps`` training steps, measure reconstruction error on the current
+    batch; log ``meft/recon_err_max`` (+ ``meft/recon_err_rel_max`` and per layer
+    ``meft/recon_err/layer_<i>``) and warn when the relative error exceeds ``threshold``.
+
+    Costs one extra forward (+ inverse) on the steps it runs. Batches must be dicts of
+    model inputs (``input_ids``, ``attention_mask``, ...).
+    """
+
+    def __init__(self, every_n_steps: int = 100, threshold: float = 1e-2, per_layer: bool = True):
+        super().__init__()
+        if every_n_steps < 1:
+            raise ValueError("every_n_steps must be >= 1")
+        self.every_n_steps = every_n_steps
+        self.threshold = threshold
+        self.per_layer = per_layer
+        self.last_report: list[dict] | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps != 0 or not isinstance(batch, Mapping):
+            return
+        # measure in the training precision (Lightning's autocast context, if any)
+        plugin = getattr(trainer, "precision_plugin", None)
+        ctx = plugin.forward_context() if plugin is not None else contextlib.nullcontext()
+        with ctx:
+            report = reconstruction_report(pl_module, batch)
+        if not report:  # num_rev_layers = 0: nothing is reconstructed
+            return
+        self.last_report = report
+        worst = max(r["max_abs"] for r in report)
+        worst_rel = max(r["rel"] for r in report)
+        pl_module.log("meft/recon_err_max", worst)
+        pl_module.log("meft/recon_err_rel_max", worst_rel)
+        if self.per_layer:
+            for r in report:
+                pl_module.log(f"meft/recon_err/layer_{r['layer']}", r["max_abs"])
+        if worst_rel > self.threshold:
+            msg = (f"MEFT reconstruction error {worst_rel:.3g} (relative) > {self.threshold:g} at step "
+                   f"{trainer.global_step}: gradients are inexact; use higher precision, larger lam/beta "
+                   "or fewer reversible layers (method.num_rev_layers)")
+            log.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)

@@ -1,0 +1,230 @@
+"""The reversible engine: one ``autograd.Function`` over a stack of two-stream layers.
+
+A layer is anything with ``f(x, *context)``, ``g(x, *context)``, ``lam``, ``beta``,
+``switch`` and ``parameters()`` (an ``nn.Module``); the engine knows nothing about the
+architecture. One layer (DESIGN §1.1):
+
+    y1 = lam·x1 + F(x2)          x2 = (y2 − G(y1)) / beta
+    y2 = beta·x2 + G(y1)         x1 = (y1 − F(x2)) / lam
+
+and passes ``(y2, y1)`` on when ``switch`` else ``(y1, y2)``.
+
+``reversible_stack`` runs the first ``num_rev`` layers through ``_ReversibleStack``:
+forward under ``no_grad`` keeping only the final two streams; backward walks the layers
+top-down, reconstructing each layer's inputs from its outputs and recomputing F and G
+with grad enabled, one layer at a time. Peak activation memory is then one layer's
+recompute graph plus the streams, whatever the depth. The remaining layers run with
+plain autograd. Without grad (eval, ``torch.no_grad``) every layer is a plain forward.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+from torch.autograd.function import once_differentiable
+
+Tensor = torch.Tensor
+
+
+# --- RNG and autocast state: the recompute must replay exactly what the forward did ----
+
+
+class RNGState:
+    """CPU (and, for CUDA tensors, CUDA) generator state at one point of the forward."""
+
+    def __init__(self, device: torch.device):
+        self.cpu = torch.get_rng_state()
+        self.device = device if device.type == "cuda" else None
+        self.cuda = torch.cuda.get_rng_state(device) if self.device is not None else None
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        # fork: the recompute must neither see nor advance the caller's RNG streams
+        devices = [self.device] if self.device is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.device is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
+
+
+class AutocastState:
+    """Autocast settings at forward time, replayed around the recompute in backward
+    (which usually runs outside the caller's ``autocast`` block)."""
+
+    def __init__(self, device: torch.device):
+        types = ["cpu"] if device.type == "cpu" else ["cpu", device.type]
+        self.states = [
+            dict(device_type=t, enabled=torch.is_autocast_enabled(t), dtype=torch.get_autocast_dtype(t))
+            for t in types
+        ]
+        self.cache_enabled = torch.is_autocast_cache_enabled()
+
+    @contextlib.contextmanager
+    def replayed(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for s in self.states:
+                stack.enter_context(torch.autocast(cache_enabled=self.cache_enabled, **s))
+            yield
+
+
+# --- one layer, forward and inverse ----------------------------------------------------
+
+
+def _maybe_rng(state: RNGState | None):
+    return state.restored() if state is not None else contextlib.nullcontext()
+
+
+def _cast(x: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return x if dtype is None else x.to(dtype)
+
+
+def layer_forward(layer: nn.Module, x1: Tensor, x2: Tensor, context: Sequence[Any] = (),
+                  record_rng: bool = False, compute_dtype: torch.dtype | None = None):
+    """Forward of one layer. With ``record_rng`` also returns the RNG states before F
+    and before G, so that an inverse/recompute can draw the same dropout masks.
+    ``compute_dtype``: the dtype F and G run in when the streams are kept in another
+    (higher) precision; None = the streams' own dtype."""
+    rng_f = RNGState(x2.device) if record_rng else None
+    y1 = layer.lam * x1 + layer.f(_cast(x2, compute_dtype), *context)
+    rng_g = RNGState(y1.device) if record_rng else None
+    y2 = layer.beta * x2 + layer.g(_cast(y1, compute_dtype), *context)
+    out = (y2, y1) if layer.switch else (y1, y2)
+    return (out, (rng_f, rng_g)) if record_rng else out
+
+
+def layer_inverse(layer: nn.Module, o1: Tensor, o2: Tensor, context: Sequence[Any] = (),
+                  rng: tuple[RNGState | None, RNGState | None] = (None, None),
+                  compute_dtype: torch.dtype | None = None):
+    """Reconstruct a layer's inputs ``(x1, x2)`` from its outputs (no grad)."""
+    y1, y2 = (o2, o1) if layer.switch else (o1, o2)
+    with torch.no_grad():
+        with _maybe_rng(rng[1]):
+            x2 = (y2 - layer.g(_cast(y1, compute_dtype), *context)) / layer.beta
+        with _maybe_rng(rng[0]):
+            x1 = (y1 - layer.f(_cast(x2, compute_dtype), *context)) / layer.lam
+    return x1, x2
+
+
+def trainable_parameters(layers: Sequence[nn.Module]) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    params = []
+    for layer in layers:
+        for p in layer.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
+
+
+# --- the reversible stack ----------------------------------------------------------------
+
+
+class _ReversibleStack(torch.autograd.Function):
+    """inputs: x1, x2, layers, context, compute_dtype, *params (the layers' trainable parameters).
+
+    The parameters are inputs so that (a) backward runs even when x1/x2 do not require
+    grad (frozen embeddings), and (b) their grads flow back through autograd's normal
+    accumulation (``.grad``, hooks, DDP) rather than being written by hand.
+    """
+
+    @staticmethod
+    def forward(ctx, x1, x2, layers, context, compute_dtype, *params):
+        # Function.forward already runs without grad: nothing below is recorded
+        ctx.layers = layers
+        ctx.context = context
+        ctx.compute_dtype = compute_dtype
+        ctx.autocast = AutocastState(x1.device)
+        ctx.rng = []
+        for layer in layers:
+            (x1, x2), rng = layer_forward(layer, x1, x2, context, record_rng=True, compute_dtype=compute_dtype)
+            ctx.rng.append(rng)
+        ctx.save_for_backward(x1, x2)  # the only activations kept: the final two streams
+        ctx.param_index = {id(p): i for i, p in enumerate(params)}
+        return x1, x2
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do1, do2):
+        o1, o2 = ctx.saved_tensors
+        cdt = ctx.compute_dtype
+        grads: list[Tensor | None] = [None] * len(ctx.param_index)
+        # streams flowing into no further op get no grad: treat as zero
+        do1 = torch.zeros_like(o1) if do1 is None else do1
+        do2 = torch.zeros_like(o2) if do2 is None else do2
+
+        for layer, (rng_f, rng_g) in zip(reversed(ctx.layers), reversed(ctx.rng)):
+            y1, y2, dy1, dy2 = (o2, o1, do2, do1) if layer.switch else (o1, o2, do1, do2)
+            params = [p for p in layer.parameters() if p.requires_grad]
+
+            # 1. recompute g = G(y1) with grad; backprop dy2 into G's params and y1
+            y1_in = _cast(y1, cdt).detach().requires_grad_(True)
+            with torch.enable_grad(), ctx.autocast.replayed(), rng_g.restored():
+                g = layer.g(y1_in, *ctx.context)
+            gy1, *g_grads = torch.autograd.grad(g, [y1_in, *params], dy2.to(g.dtype), allow_unused=True)
+            dy1 = dy1 + gy1 if gy1 is not None else dy1
+            # 2. reconstruct x2
+            with torch.no_grad():
+                x2 = (y2 - g) / layer.beta
+            del g
+
+            # 3. recompute f = F(x2) with grad; backprop dy1 into F's params and x2
+            x2_in = _cast(x2, cdt).detach().requires_grad_(True)
+            with torch.enable_grad(), ctx.autocast.replayed(), rng_f.restored():
+                f = layer.f(x2_in, *ctx.context)
+            gx2, *f_grads = torch.autograd.grad(f, [x2_in, *params], dy1.to(f.dtype), allow_unused=True)
+            # 4. reconstruct x1
+            with torch.no_grad():
+                x1 = (y1 - f) / layer.lam
+            del f
+
+            # 5. input grads
+            dx1 = layer.lam * dy1
+            dx2 = layer.beta * dy2 + gx2 if gx2 is not None else layer.beta * dy2
+
+            for p, gf, gg in zip(params, f_grads, g_grads):
+                for part in (gf, gg):
+                    if part is None:
+                        continue
+                    i = ctx.param_index[id(p)]
+                    grads[i] = part if grads[i] is None else grads[i] + part
+            o1, o2, do1, do2 = x1, x2, dx1, dx2
+
+        # grads must match each input's dtype (autocast may leave the streams' grads in bf16)
+        dx1 = do1.to(o1.dtype) if ctx.needs_input_grad[0] else None
+        dx2 = do2.to(o2.dtype) if ctx.needs_input_grad[1] else None
+        return (dx1, dx2, None, None, None, *grads)
+
+
+def reversible_stack(x1: Tensor, x2: Tensor, layers: Sequence[nn.Module], context: Sequence[Any] = (),
+                     num_rev: int | None = None, stream_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Run ``layers`` on the two streams; the first ``num_rev`` (None: all) with the
+    reversible backward, the rest with plain autograd. Returns the final streams.
+
+    ``stream_dtype`` (e.g. float64) keeps the two streams in a higher precision than F
+    and G compute in: the inverse divides by lam/beta every layer, so rounding errors of
+    the streams grow ~1/lam per layer going down; wider streams shrink them by orders of
+    magnitude for the price of wider (depth-independent) stream tensors.
+    """
+    compute_dtype = None
+    if stream_dtype is not None and stream_dtype != x1.dtype:
+        compute_dtype = x1.dtype
+        x1, x2 = x1.to(stream_dtype), x2.to(stream_dtype)
+    layers = list(layers)
+    num_rev = len(layers) if num_rev is None else num_rev
+    rev, plain = layers[:num_rev], layers[num_rev:]
+    context = tuple(context)
+
+    if rev and torch.is_grad_enabled():
+        params = trainable_parameters(rev)
+        if params or x1.requires_grad or x2.requires_grad:
+            x1, x2 = _ReversibleStack.apply(x1, x2, rev, context, compute_dtype, *params)
+        else:  # nothing to differentiate: a plain forward records nothing either
+            plain = layers
+    else:
+        plain = layers
+    for layer in plain:
+        x1, x2 = layer_forward(layer, x1, x2, context, compute_dtype=compute_dtype)
+    return x1, x2

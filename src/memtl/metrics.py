@@ -1,0 +1,85 @@
+"""GLUE metrics on torchmetrics (so they sync across DDP ranks), exactly as GLUE defines them:
+CoLA Matthews correlation, STS-B Pearson + Spearman, MRPC/QQP accuracy + F1 of class 1,
+accuracy elsewhere.
+
+Keys returned by `compute()`: the task's `metrics` names, prefixed with `prefix`
+(use `task.eval_prefixes[dataloader_idx]`: "" for the first eval split, "mm_" for MNLI
+mismatched), e.g. {"accuracy": .., "f1": ..} for MRPC, {"mm_accuracy": ..} for MNLI-mm.
+"""
+
+import warnings
+
+import torch
+from torch import nn
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy
+from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
+
+from memtl.data.glue import GlueTask, get_task
+
+
+def main_metric_mode(name: str) -> str:
+    """"max" or "min" for checkpointing / early stopping on `name` (every GLUE metric is max)."""
+    return "min" if name.split("/")[-1].endswith("loss") else "max"
+
+
+class MatthewsCorrCoef(Metric):
+    """Binary MCC from a summed confusion matrix, 0 when undefined (e.g. a constant
+    prediction) as in sklearn/GLUE. torchmetrics' own returns an eps-based non-zero value
+    there, which would mislead model selection early in CoLA training."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("confmat", torch.zeros(4, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, labels: torch.Tensor) -> None:
+        self.confmat += torch.bincount(labels * 2 + preds, minlength=4)  # tn, fp, fn, tp
+
+    def compute(self) -> torch.Tensor:
+        tn, fp, fn, tp = self.confmat.double()
+        denom = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)).sqrt()
+        return (tp * tn - fp * fn) / denom if denom > 0 else denom.new_zeros(())
+
+
+class GlueMetrics(nn.Module):
+    """update(logits_or_preds, labels) per batch, compute() -> {key: float}, reset() per epoch."""
+
+    def __init__(self, task: GlueTask | str, prefix: str = ""):
+        super().__init__()
+        self.task, self.prefix = get_task(task), prefix
+        make = {
+            "accuracy": lambda: MulticlassAccuracy(num_classes=self.task.num_labels, average="micro"),
+            "f1": BinaryF1Score,  # positive class = label 1 (equivalent / duplicate)
+            "mcc": MatthewsCorrCoef,
+            "pearson": PearsonCorrCoef,
+            "spearman": SpearmanCorrCoef,
+        }
+        with warnings.catch_warnings():  # Spearman warns that it keeps all preds: 1.5k floats here
+            warnings.filterwarnings("ignore", message=".*will save all targets and predictions")
+            self.metrics = MetricCollection({name: make[name]() for name in self.task.metrics})
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(self.prefix + name for name in self.task.metrics)
+
+    @torch.no_grad()
+    def update(self, preds: torch.Tensor, labels: torch.Tensor) -> None:
+        preds, labels = preds.detach(), labels.detach()
+        if self.task.is_regression:  # (B, 1) or (B,) scores; float32 also for bf16/fp16 logits
+            preds, labels = preds.reshape(-1).float(), labels.reshape(-1).float()
+        else:
+            if preds.ndim == labels.ndim + 1:  # logits (B, C) -> class ids
+                preds = preds.argmax(-1)
+            preds, labels = preds.long(), labels.long()
+        self.metrics.update(preds, labels)
+
+    def compute(self) -> dict[str, float]:
+        return {self.prefix + k: float(v) for k, v in self.metrics.compute().items()}
+
+    def reset(self) -> None:
+        self.metrics.reset()
+
+    def forward(self, preds, labels):  # module-call = update, so `metrics(logits, labels)` works
+        self.update(preds, labels)

@@ -1,0 +1,101 @@
+"""The LightningModule: one for every method and every GLUE-style task.
+
+The wrapped model is whatever ``apply_method`` returned (a plain HF model, a peft model,
+a reversible model ...): the module only calls it with the batch and reads ``loss`` and
+``logits``. Model selection tracks the task's main metric on the first eval split.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn as nn
+
+from memtl.metrics import GlueMetrics
+
+class FineTuneModule(L.LightningModule):
+    def __init__(self, model: nn.Module, task, optim: dict[str, Any], config: dict | None = None):
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.main_metric = task.main_metric
+        self.optim = dict(optim)
+        self.run_config = config  # stored in checkpoints so they can be reloaded
+        self.val_metrics = nn.ModuleList([GlueMetrics(task) for _ in task.eval_splits])
+        self.strict_loading = False  # checkpoints hold only the trainable weights
+        self.history: list[dict[str, float]] = []  # one entry per completed evaluation
+        self.best: dict[str, Any] | None = None
+
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    def training_step(self, batch, batch_idx):
+        out = self.model(**batch)
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch["labels"].shape[0])
+        return out.loss
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        out = self.model(**batch)
+        self.val_metrics[dataloader_idx].update(out.logits.detach(), batch["labels"])
+
+    def on_validation_epoch_end(self):
+        values: dict[str, float] = {}
+        # one metrics object per eval split; MNLI's mismatched keys carry the prefix "mm_"
+        for prefix, metrics in zip(self.task.eval_prefixes, self.val_metrics):
+            for name, value in metrics.compute().items():
+                values[prefix + name] = float(value)
+            metrics.reset()
+        for k, v in values.items():  # metrics are already synced across processes by torchmetrics
+            self.log(f"val/{k}", v, prog_bar=k == self.main_metric)
+        if self.trainer.sanity_checking:
+            return
+        entry = {"epoch": self.current_epoch, "step": self.global_step, **values}
+        self.history.append(entry)
+        value = values[self.main_metric]
+        if self.best is None or (not math.isnan(value) and (math.isnan(self.best["value"]) or value > self.best["value"])):
+            self.best = {
+                "metric": self.main_metric,
+                "value": value,
+                "epoch": self.current_epoch,
+                "step": self.global_step,
+                "metrics": values,
+            }
+
+    # -- optimisation ------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.optim
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            # the usual transformer recipe: no weight decay on biases and LayerNorm weights
+            (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o["lr"],
+            betas=tuple(o["betas"]),
+            eps=o["eps"],
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = o.get("warmup_steps") or int(round(o.get("warmup_ratio", 0.0) * total))
+
+        def linear_warmup_decay(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints: trainable weights only ----------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["memtl"] = {
+            "contents": "trainable weights only; rebuild the model from the run's config "
+            "(backbone + apply_method), then load_state_dict(state_dict, strict=False)",
+            "trainable_keys": len(checkpoint["state_dict"]),
+            "config": self.run_config,
+        }

@@ -1,0 +1,96 @@
+"""Shared fixtures: offline environment, a GLUE folder for every task format, compose/run helpers."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))  # test-only helper modules (e.g. failing callbacks)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tokenized_cache(tmp_path_factory):
+    # one tokenization cache for the whole session, never the user's ~/.cache
+    os.environ["MEMTL_CACHE"] = str(tmp_path_factory.mktemp("tokenized"))
+
+
+def _head(path: Path, n: int, skip: int = 0, header: bool = True) -> list[str]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    head = lines[:1] if header else []
+    body = lines[1:] if header else lines
+    return head + body[skip:skip + n]
+
+
+@pytest.fixture(scope="session")
+def glue_root(tmp_path_factory) -> Path:
+    """A folder laid out like ../shared/data with small files for all eight GLUE tasks.
+
+    Tasks present in ../shared/data are cut from the real files; QQP, MNLI and QNLI's train
+    split (not available locally) are written in their real GLUE TSV layout.
+    """
+    real = SHARED_DATA / "glue_data"
+    assert real.is_dir(), f"the real GLUE files are missing: expected {real} (see the README)"
+    root = tmp_path_factory.mktemp("data")
+    glue = root / "glue_data"
+    for task, header in (("CoLA", False), ("SST-2", True), ("MRPC", True), ("STS-B", True), ("RTE", True)):
+        (glue / task).mkdir(parents=True)
+        for split in ("train", "dev"):
+            rows = _head(real / task / f"{split}.tsv", 40, header=header)
+            (glue / task / f"{split}.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (glue / "QNLI").mkdir()
+    qnli_dev = real / "QNLI" / "dev.tsv"
+    (glue / "QNLI" / "train.tsv").write_text("\n".join(_head(qnli_dev, 40)) + "\n")
+    (glue / "QNLI" / "dev.tsv").write_text("\n".join(_head(qnli_dev, 40, skip=40)) + "\n")
+
+    rte = [line.split("\t") for line in _head(real / "RTE" / "train.tsv", 80)[1:]]
+    (glue / "QQP").mkdir()
+    qqp = ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate"]
+    qqp += [f"{i}\t{2 * i}\t{2 * i + 1}\t{r[1]}?\t{r[2]}?\t{i % 2}" for i, r in enumerate(rte)]
+    (glue / "QQP" / "train.tsv").write_text("\n".join(qqp[:41]) + "\n")
+    (glue / "QQP" / "dev.tsv").write_text("\n".join(qqp[:1] + qqp[41:]) + "\n")
+
+    (glue / "MNLI").mkdir()
+    labels = ("entailment", "neutral", "contradiction")
+    parse = "( x )"
+    train_head = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
+                  "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label")
+    dev_head = train_head.replace("label1\tgold_label", "label1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label")
+
+    def mnli(rows, dev):
+        out = []
+        for i, r in enumerate(rows):
+            lab = labels[i % 3]
+            extra = "\t".join([lab] * (5 if dev else 1))
+            out.append(f"{i}\t{i}\t{i}e\tfiction\t{parse}\t{parse}\t{parse}\t{parse}\t{r[1]}\t{r[2]}\t{extra}\t{lab}")
+        return out
+
+    (glue / "MNLI" / "train.tsv").write_text("\n".join([train_head] + mnli(rte[:40], False)) + "\n")
+    (glue / "MNLI" / "dev_matched.tsv").write_text("\n".join([dev_head] + mnli(rte[40:60], True)) + "\n")
+    (glue / "MNLI" / "dev_mismatched.tsv").write_text("\n".join([dev_head] + mnli(rte[60:80], True)) + "\n")
+    return root
+
+
+def compose(overrides: list[str], output_dir: Path):
+    """The training config as ``train.py`` would see it (no Hydra run dir needed)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+
+
+def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600, script: str = "train.py"):
+    """``python train.py ...`` in a subprocess, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ},
+    )

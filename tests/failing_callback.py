@@ -1,0 +1,11 @@
+"""A callback that breaks a run on purpose (tests of the failure/interrupt paths)."""
+import lightning as L
+
+
+class FailAtBatch(L.Callback):
+    def __init__(self, batch: int = 1, interrupt: bool = False):
+        self.batch, self.interrupt = batch, interrupt
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.batch:
+            raise KeyboardInterrupt() if self.interrupt else RuntimeError(f"planned failure at batch {batch_idx}")

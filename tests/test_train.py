@@ -1,0 +1,149 @@
+"""End-to-end runs of the real training stack: Hydra config -> data -> method -> Lightning -> results.json."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, SHARED_DATA, compose, run_cli
+
+from memtl.data import get_task
+from memtl.run import run
+
+SMOKE = ["trainer.limit_train_batches=3", "trainer.max_epochs=1", "data.max_eval_samples=24", "logger=none",
+         "callbacks.memory.measure_batches=[1]", "callbacks.memory.timing_warmup=1", "trainer.enable_progress_bar=false"]
+
+
+def read(path: Path) -> dict:
+    return json.loads((path / "results.json").read_text())
+
+
+@pytest.mark.parametrize("task", ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte"])
+def test_tiny_bert_on_every_glue_format(task, glue_root, tmp_path):
+    cfg = compose(["backbone=tiny_bert", "method=full", f"task=glue/{task}", f"data.root={glue_root}",
+                   "data.batch_size=8", *SMOKE], tmp_path)
+    res = run(cfg)
+    on_disk = read(tmp_path)
+    assert on_disk["status"] == res["status"] == "completed"
+    assert set(on_disk["metrics"]) == set(get_task(task).metric_keys)
+    assert on_disk["best"]["metric"] == get_task(task).main_metric
+    assert on_disk["trainer"]["global_step"] == 3
+    assert on_disk["params"]["trainable"] == on_disk["params"]["total"] > 0
+    assert on_disk["memory"]["peak_step_bytes"] > 0 and on_disk["memory"]["saved_tensor_bytes"] > 0
+    assert on_disk["throughput"]["step_time_s"] > 0 and on_disk["throughput"]["samples_per_s"] > 0
+    assert on_disk["config"]["task"]["name"] == task
+    if task == "mnli":
+        assert {"accuracy", "mm_accuracy"} <= set(on_disk["metrics"])
+
+
+def test_minilm_lora_on_real_rte_through_the_cli(tmp_path):
+    """The README's main job, shrunk: real MiniLM, real RTE files, found without data.root."""
+    assert (SHARED_DATA / "glue_data" / "RTE" / "train.tsv").is_file()
+    out = tmp_path / "run"
+    proc = run_cli(["method=lora", "task=glue/rte", "data.max_train_samples=48", "data.max_eval_samples=32",
+                    "trainer.max_steps=4", "logger=csv", f"hydra.run.dir={out}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = read(out)
+    assert res["status"] == "completed" and res["config"]["backbone"]["name"] == "minilm"
+    assert 0 <= res["metrics"]["accuracy"] <= 1
+    assert 0 < res["params"]["trainable"] < res["params"]["total"] / 50
+    # metrics and memory reached the CSV logger too
+    csv_text = (out / "csv" / "metrics.csv").read_text()
+    assert "memory/peak_step_mib" in csv_text and "val/accuracy" in csv_text
+    # the checkpoint holds the trainable weights only, plus the config to rebuild the model
+    ckpt = torch.load(res["checkpoint"], map_location="cpu", weights_only=False)
+    n_trainable = sum(v.numel() for v in ckpt["state_dict"].values())
+    assert n_trainable == res["params"]["trainable"]
+    assert ckpt["memtl"]["config"]["method"]["name"] == "lora"
+
+
+def test_checkpoint_reloads_onto_the_pretrained_backbone(glue_root, tmp_path):
+    from hydra.utils import instantiate  # noqa: F401  (config is plain dicts)
+
+    from memtl.backbones import load_model, load_tokenizer
+    from memtl.methods import apply_method
+
+    cfg = compose(["backbone=tiny_bert", "method=lora", "task=glue/rte", f"data.root={glue_root}", *SMOKE,
+                   "optim.lr=1e-2"], tmp_path)
+    res = run(cfg)
+    ckpt = torch.load(res["checkpoint"], map_location="cpu", weights_only=False)
+    conf = ckpt["memtl"]["config"]
+
+    def rebuild():
+        torch.manual_seed(conf["seed"])  # the random tiny backbone is rebuilt from its seed
+        tok = load_tokenizer(conf["backbone"])
+        model = load_model(conf["backbone"], 2, tok)
+        opts = {k: v for k, v in conf["method"].items() if k not in ("name", "lr")}
+        return apply_method(model, conf["method"]["name"], **opts).eval()
+
+    fresh, restored = rebuild(), rebuild()
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    missing, unexpected = restored.load_state_dict(state, strict=False)
+    assert not unexpected
+    ids = torch.randint(1000, 2000, (2, 10))
+    with torch.no_grad():
+        a, b = fresh(input_ids=ids).logits, restored(input_ids=ids).logits
+    assert not torch.allclose(a, b), "loading the trained weights changed nothing"
+
+
+def test_two_job_multirun(glue_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", "method=full,lora", "backbone=tiny_bert", "task=glue/rte", f"data.root={glue_root}",
+                    *SMOKE, f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted(sweep.glob("*/results.json"))
+    assert len(results) == 2
+    methods = {json.loads(p.read_text())["run"]["method"] for p in results}
+    assert methods == {"full", "lora"}
+    assert all(json.loads(p.read_text())["status"] == "completed" for p in results)
+
+
+def test_wandb_offline_run_logs_memory(glue_root, tmp_path):
+    import wandb
+
+    cfg = compose(["backbone=tiny_bert", "method=lora", "task=glue/rte", f"data.root={glue_root}",
+                   *[s for s in SMOKE if not s.startswith("logger")], "logger=wandb"], tmp_path)
+    try:
+        res = run(cfg)
+        live = wandb.run
+        assert live is not None and live.settings.mode == "offline"
+        summary = dict(live.summary)
+        # logged through Lightning's WandbLogger (history); the summary keeps each key's last value
+        assert summary["memory/peak_step_mib"] == pytest.approx(res["memory"]["peak_step_mib"])
+        assert summary["memory/saved_tensor_mib"] > 0
+        assert summary["throughput/step_time_s"] > 0
+        assert "val/accuracy" in summary and summary["params/trainable"] == res["params"]["trainable"]
+        assert set(live.tags) == {"lora", "tiny_bert", "rte"}
+    finally:
+        wandb.finish()
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb")), "no offline run file written"
+
+
+def test_bf16_mixed_precision_trains(glue_root, tmp_path):
+    cfg = compose(["backbone=tiny_bert", "method=full", "task=glue/rte", f"data.root={glue_root}", *SMOKE,
+                   "trainer.precision=bf16-mixed"], tmp_path)
+    assert run(cfg)["status"] == "completed"
+
+
+@pytest.mark.parametrize("interrupt", [False, True])
+def test_results_written_when_the_run_breaks(glue_root, tmp_path, interrupt):
+    cfg = compose(["backbone=tiny_bert", "method=full", "task=glue/rte", f"data.root={glue_root}", *SMOKE,
+                   "+callbacks.fail._target_=failing_callback.FailAtBatch", f"+callbacks.fail.interrupt={interrupt}"],
+                  tmp_path)
+    with pytest.raises((RuntimeError, SystemExit, KeyboardInterrupt)):
+        run(cfg)
+    res = read(tmp_path)
+    assert res["status"] == ("interrupted" if interrupt else "failed")
+    assert res["config"]["method"]["name"] == "full" and res["params"]["trainable"] > 0
+    if not interrupt:
+        assert "planned failure" in res["error"]
+
+
+def test_rerun_in_the_same_folder_keeps_earlier_results(glue_root, tmp_path):
+    cfg = compose(["backbone=tiny_bert", "method=full", "task=glue/rte", f"data.root={glue_root}", *SMOKE], tmp_path)
+    run(cfg)
+    first = (tmp_path / "results.json").read_text()
+    run(cfg)
+    kept = list(tmp_path.glob("results.previous-*.json"))
+    assert len(kept) == 1 and kept[0].read_text() == first

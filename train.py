@@ -1,0 +1,32 @@
+"""Fine-tune a Hugging Face model with a memory-efficient method.
+
+    python train.py method=lora task=glue/rte          # one run
+    python train.py -m method=full,lora task=glue/rte  # a sweep
+    python train.py --help                             # groups and options
+"""
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from memtl.errors import ConfigError
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    from memtl.run import run
+
+    try:
+        results = run(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    best = results.get("best") or {}
+    return best.get("value")  # what an Optuna sweeper would optimise
+
+
+if __name__ == "__main__":
+    main()
