@@ -6,6 +6,7 @@
 """
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -13,6 +14,7 @@ from omegaconf import DictConfig
 from memtl.errors import ConfigError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+CONF = Path(__file__).resolve().parent / "conf"
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -29,4 +31,11 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from memtl.preflight import preflight
+
+    try:  # bad input: one line, exit 2, before Hydra creates any folder
+        preflight(sys.argv[1:], CONF)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memtl.data import GLUE_TASKS, GlueDataModule, default_data_root, get_task, read_glue_split, read_glue_tsv
-from memtl.data import glue
+from memtl.data import GLUE_TASKS, GlueDataModule, default_data_root, get_task, glue, read_glue_split, read_glue_tsv
 from memtl.errors import ConfigError
 
 # -----------------------------------------------------------------------------
@@ -46,7 +45,8 @@ FIXTURES = {
          {"sentence1": "Yucaipa owned it .", "sentence2": 'Yucaipa " bought it .', "label": 0}]),
     ("stsb", "STS-B/dev.tsv"): (
         [["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score"],
-         ["0", "main-captions", "MSRvid", "2012test", "0000", "none", "none", "A man dances.", "A man is dancing.", "5.000"],
+         ["0", "main-captions", "MSRvid", "2012test", "0000", "none", "none", "A man dances.", "A man is dancing.",
+          "5.000"],
          ["1", "main-news", "headlines", "2013", "0002", "none", "none", "Kids ride.", "Cats sleep.", "0.250"]],
         [{"sentence1": "A man dances.", "sentence2": "A man is dancing.", "label": 5.0},
          {"sentence1": "Kids ride.", "sentence2": "Cats sleep.", "label": 0.25}]),
@@ -98,7 +98,7 @@ def write_tsv(path: Path, rows, newline="\n", trailing=""):
 
 
 @pytest.fixture
-def glue_root(tmp_path):
+def tsv_root(tmp_path):
     """A data root (like ../shared/data) holding glue_data/ with every fixture file."""
     for (_, rel), (rows, _) in FIXTURES.items():
         write_tsv(tmp_path / "data" / "glue_data" / rel, rows)
@@ -174,13 +174,13 @@ def test_get_task():
 
 
 @pytest.mark.parametrize("key", list(FIXTURES), ids=lambda k: k[1])
-def test_read_fixture_layouts(glue_root, key):
+def test_read_fixture_layouts(tsv_root, key):
     task, rel = key
     expected = FIXTURES[key][1]
-    assert read_glue_split(task, SPLIT_OF[Path(rel).name], root=glue_root) == expected
+    assert read_glue_split(task, SPLIT_OF[Path(rel).name], root=tsv_root) == expected
     # the glue_data folder itself works as a root too, and the plain file reader agrees
-    assert read_glue_split(task, SPLIT_OF[Path(rel).name], root=glue_root / "glue_data") == expected
-    assert read_glue_tsv(glue_root / "glue_data" / rel, task) == expected
+    assert read_glue_split(task, SPLIT_OF[Path(rel).name], root=tsv_root / "glue_data") == expected
+    assert read_glue_tsv(tsv_root / "glue_data" / rel, task) == expected
 
 
 def test_blank_lines_and_crlf(tmp_path):
@@ -239,9 +239,9 @@ def test_real_files(real_root, task, split, count, labels, first):
         assert all(isinstance(r["label"], float) and 0 <= r["label"] <= 5 for r in rows)
 
 
-def test_data_root_env(monkeypatch, glue_root, tmp_path):
-    monkeypatch.setenv("MEMTL_DATA_ROOT", str(glue_root))
-    assert default_data_root() == glue_root.resolve()
+def test_data_root_env(monkeypatch, tsv_root, tmp_path):
+    monkeypatch.setenv("MEMTL_DATA_ROOT", str(tsv_root))
+    assert default_data_root() == tsv_root.resolve()
     assert read_glue_split("qqp", "validation") == FIXTURES[("qqp", "QQP/dev.tsv")][1]
     monkeypatch.setenv("MEMTL_DATA_ROOT", str(tmp_path / "nope"))
     with pytest.raises(ConfigError, match="MEMTL_DATA_ROOT="):
@@ -282,11 +282,11 @@ def test_bad_files(tmp_path, task, content, where, what):
     assert msg.startswith(f"{path}{where}: ") and what in msg and "data.root" in msg
 
 
-def test_bad_file_through_datamodule_names_file(glue_root, tokenizer, tmp_path):
-    path = glue_root / "glue_data" / "RTE" / "train.tsv"
+def test_bad_file_through_datamodule_names_file(tsv_root, tokenizer, tmp_path):
+    path = tsv_root / "glue_data" / "RTE" / "train.tsv"
     write_tsv(path, [RTE_HEADER, ["0", "a", "b", "entailment"], ["1", "a", "b", "maybe"]])
     with pytest.raises(ConfigError, match=rf"^{path}:3: label 'maybe'"):
-        GlueDataModule("rte", tokenizer, root=glue_root, cache_dir=tmp_path / "cache").setup()
+        GlueDataModule("rte", tokenizer, root=tsv_root, cache_dir=tmp_path / "cache").setup()
 
 
 def test_missing_file(tmp_path):
@@ -307,12 +307,12 @@ def test_missing_root_dir(tmp_path):
 # hub fallback
 
 
-def test_offline_hub_fallback_task_folder_missing(glue_root, offline):
+def test_offline_hub_fallback_task_folder_missing(tsv_root, offline):
     # the fixture root has no CoLA folder -> hub -> unreachable
     with pytest.raises(ConfigError) as e:
-        read_glue_split("cola", "validation", root=glue_root)
+        read_glue_split("cola", "validation", root=tsv_root)
     msg = one_line_error(e)
-    looked = glue_root.resolve() / "glue_data" / "CoLA" / "dev.tsv"
+    looked = tsv_root.resolve() / "glue_data" / "CoLA" / "dev.tsv"
     assert str(looked) in msg and "hub is unreachable" in msg and "data.root=" in msg
 
 
@@ -345,7 +345,8 @@ def test_hub_rows(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     rows = read_glue_split("mnli", "validation_mismatched", root=tmp_path)  # empty root: no MNLI folder
     assert calls == [("nyu-mll/glue", "mnli", "validation_mismatched")]
-    assert rows == [{"premise": "p0", "hypothesis": "h0", "label": 2}, {"premise": "p1", "hypothesis": "h1", "label": 0}]
+    assert rows == [{"premise": "p0", "hypothesis": "h0", "label": 2},
+                    {"premise": "p1", "hypothesis": "h1", "label": 0}]
 
 
 # -----------------------------------------------------------------------------
@@ -426,7 +427,8 @@ def test_group_by_length(rte_dm):
     assert order != first  # a new order each epoch
     # grouping pads far less than random batches
     padded = sum(b["input_ids"].numel() for b in batches)
-    random_padded = sum(b["input_ids"].numel() for b in rte_dm(max_train_samples=200, max_length=128).train_dataloader())
+    plain = rte_dm(max_train_samples=200, max_length=128)
+    random_padded = sum(b["input_ids"].numel() for b in plain.train_dataloader())
     assert padded < 0.8 * random_padded
 
 
@@ -495,8 +497,8 @@ def test_cache_survives_corrupt_file(real_root, tokenizer, tmp_path):
     assert again.cache_hits == 2  # rewritten
 
 
-def test_mnli_two_val_loaders(glue_root, tokenizer, tmp_path):
-    dm = GlueDataModule("mnli", tokenizer, root=glue_root, batch_size=4, cache_dir=tmp_path / "cache")
+def test_mnli_two_val_loaders(tsv_root, tokenizer, tmp_path):
+    dm = GlueDataModule("mnli", tokenizer, root=tsv_root, batch_size=4, cache_dir=tmp_path / "cache")
     dm.setup()
     assert dm.num_labels == 3 and dm.train_size == 10
     val = dm.val_dataloader()
@@ -506,10 +508,10 @@ def test_mnli_two_val_loaders(glue_root, tokenizer, tmp_path):
     assert sorted(x for b in dm.train_dataloader() for x in b["labels"].tolist()) == sorted(i % 3 for i in range(10))
 
 
-def test_stsb_float_labels(glue_root, tokenizer, tmp_path):
+def test_stsb_float_labels(tsv_root, tokenizer, tmp_path):
     rows = FIXTURES[("stsb", "STS-B/dev.tsv")][0]
-    write_tsv(glue_root / "glue_data" / "STS-B" / "train.tsv", rows)
-    dm = GlueDataModule("stsb", tokenizer, root=glue_root, cache_dir=tmp_path / "cache")
+    write_tsv(tsv_root / "glue_data" / "STS-B" / "train.tsv", rows)
+    dm = GlueDataModule("stsb", tokenizer, root=tsv_root, cache_dir=tmp_path / "cache")
     batch = next(iter(dm.train_dataloader()))  # loads on demand
     assert batch["labels"].dtype == torch.float32 and sorted(batch["labels"].tolist()) == [0.25, 5.0]
     assert dm.num_labels == 1
@@ -526,3 +528,46 @@ def test_datamodule_config_errors(tokenizer, real_root, tmp_path):
         GlueDataModule("foo", tokenizer)
     with pytest.raises(ConfigError, match="data.root="):
         GlueDataModule("rte", tokenizer, root=tmp_path / "missing")
+    no_pad = type("NoPad", (), {"pad_token": None})()
+    with pytest.raises(ConfigError, match="no pad token"):
+        GlueDataModule("rte", no_pad)
+
+
+def test_lightning_fit_logs_each_eval_split(tsv_root, tokenizer, tmp_path):
+    """The module plugs into Trainer.fit: one val loader per eval split (dataloader_idx),
+    GlueMetrics named with task.eval_prefixes, group_by_length sampler accepted."""
+    import lightning as L
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from memtl.metrics import GlueMetrics
+
+    class Tiny(L.LightningModule):
+        def __init__(self, task):
+            super().__init__()
+            cfg = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1,
+                             num_attention_heads=2, intermediate_size=32, num_labels=task.num_labels)
+            self.model = BertForSequenceClassification(cfg)
+            self.metrics = torch.nn.ModuleList(GlueMetrics(task, p) for p in task.eval_prefixes)
+
+        def training_step(self, batch, i):
+            return self.model(**batch).loss
+
+        def validation_step(self, batch, i, dataloader_idx=0):
+            self.metrics[dataloader_idx].update(self.model(**batch).logits, batch["labels"])
+
+        def on_validation_epoch_end(self):
+            for m in self.metrics:
+                self.log_dict(m.compute())
+                m.reset()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = GlueDataModule("mnli", tokenizer, root=tsv_root, batch_size=4, group_by_length=True,
+                        cache_dir=tmp_path / "cache")
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(Tiny(dm.task), datamodule=dm)
+    assert set(trainer.callback_metrics) == {"accuracy", "mm_accuracy"}
+    assert float(trainer.callback_metrics["mm_accuracy"]) in (0.0, 0.5, 1.0)  # over the 2 mismatched rows
+    assert dm.cache_hits >= 3  # prepare_data filled the cache, setup read it

@@ -45,6 +45,9 @@ def validate(cfg: DictConfig) -> None:
     d = cfg.data
     _check(d.batch_size >= 1, f"data.batch_size={d.batch_size}: must be >= 1")
     _check(d.max_length >= 8, f"data.max_length={d.max_length}: must be >= 8")
+    _check(d.root is None or Path(str(d.root)).expanduser().is_dir(),
+           f"data.root={d.root} is not a folder: point it at a folder laid out like ../shared/data "
+           "(glue_data/<TASK>/train.tsv ...), or null for the default")
     for key in ("max_train_samples", "max_eval_samples"):
         v = d.get(key)
         _check(v is None or v >= 1, f"data.{key}={v}: must be >= 1 (or null for all)")
@@ -142,6 +145,15 @@ def build(cfg: DictConfig):
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = get_task(cfg.task.name, cfg.task.get("main_metric"))
     tokenizer = load_tokenizer(cfg.backbone)
+    d = cfg.data
+    datamodule = GlueDataModule(
+        task=task, tokenizer=tokenizer, root=d.root, max_length=d.max_length, batch_size=d.batch_size,
+        eval_batch_size=d.eval_batch_size, max_train_samples=d.max_train_samples,
+        max_eval_samples=d.max_eval_samples, group_by_length=d.group_by_length, num_workers=d.num_workers,
+        seed=cfg.seed, cache_dir=d.cache_dir, protocol=d.protocol,
+    )
+    datamodule.prepare_data()  # missing or malformed data fails here, before the model is loaded
+
     model = load_model(cfg.backbone, task.num_labels, tokenizer)
     limit = max_positions(model)
     _check(limit is None or cfg.data.max_length <= limit,
@@ -152,13 +164,6 @@ def build(cfg: DictConfig):
     log.info("method %s on %s: %s trainable of %s parameters (%.2f%%)", cfg.method.name, cfg.backbone.name,
              f"{params['trainable']:,}", f"{params['total']:,}", 100 * params["trainable"] / params["total"])
 
-    d = cfg.data
-    datamodule = GlueDataModule(
-        task=task, tokenizer=tokenizer, root=d.root, max_length=d.max_length, batch_size=d.batch_size,
-        eval_batch_size=d.eval_batch_size, max_train_samples=d.max_train_samples,
-        max_eval_samples=d.max_eval_samples, group_by_length=d.group_by_length, num_workers=d.num_workers,
-        seed=cfg.seed, cache_dir=d.cache_dir, protocol=d.protocol,
-    )
     module = FineTuneModule(model, task, OmegaConf.to_container(cfg.optim, resolve=True),
                             config=OmegaConf.to_container(cfg, resolve=True))
 

@@ -51,7 +51,7 @@ class GlueTask:
     text_columns: tuple = ()
     label_column: str | int = "label"
     file_labels: tuple[str, ...] = ()  # () -> the label is a float score
-    header: bool = True
+    header: bool = True  # CoLA's train/dev files have none
     num_columns: int | None = None  # headerless files only
 
     @property
@@ -162,12 +162,13 @@ def _parse_tsv(data: bytes, path: Path, task: GlueTask) -> list[dict]:
         raise _bad(path, data.count(b"\n", 0, e.start) + 1, f"not valid UTF-8 ({e.reason})") from None
     # QUOTE_NONE: GLUE sentences contain stray quotes that must stay part of the text
     reader = csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE)
-    rows, ncols, cols, label_col = [], task.num_columns, task.text_columns, task.label_column
+    rows, cols, label_col = [], task.text_columns, task.label_column
+    ncols = None if task.header else task.num_columns  # None until the header line is read
     for fields in reader:
         line = reader.line_num
         if not fields or (len(fields) == 1 and not fields[0].strip()):
             continue  # blank line (e.g. an extra trailing newline)
-        if ncols is None:  # first non-blank line of a file with a header
+        if ncols is None:  # the header: find the columns by name
             missing = [c for c in (*cols, label_col) if c not in fields]
             if missing:
                 raise _bad(path, line, f"header {fields} lacks column(s) {missing} expected for {task.name}")
@@ -223,7 +224,8 @@ class _Source:
             self.hub = datasets.load_dataset("nyu-mll/glue", task.name, split=split)
         except Exception as e:
             reason = (str(e).strip().splitlines() or [""])[0][:200]
-            looked = f"no local file {where}" if where else "no local data root (data.root unset, ../shared/data missing)"
+            looked = (f"no local file {where}" if where
+                      else "no local data root (data.root unset, ../shared/data missing)")
             raise ConfigError(
                 f"GLUE {task.name}/{split}: {looked} and the Hugging Face hub is unreachable "
                 f"({type(e).__name__}: {reason}); set data.root=<folder laid out like ../shared/data, "
@@ -313,7 +315,9 @@ class LengthGroupedSampler(Sampler):
     each by length (so a batch pads little), then shuffle the batch order; the longest batch
     goes first so an out-of-memory shows up at step 1. Yields indices: a DataLoader with the
     same batch_size cuts them back into exactly these batches (a partial batch stays last).
-    A seeded generator gives a new, reproducible order each epoch."""
+    A seeded generator gives a new, reproducible order each epoch (the same on every rank;
+    under DDP Lightning shards it with DistributedSamplerWrapper, rank r taking every W-th
+    index, so each rank's batches stay length-grouped)."""
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int, mega: int = 50):
         self.lengths, self.batch_size, self.mega = torch.tensor(lengths), batch_size, mega
@@ -326,7 +330,8 @@ class LengthGroupedSampler(Sampler):
         bs, g = self.batch_size, self.generator
         perm = torch.randperm(len(self.lengths), generator=g)
         # sort each mega-batch longest first, then cut it into batches
-        mega = [mb[torch.argsort(self.lengths[mb], descending=True, stable=True)] for mb in perm.split(self.mega * bs)]
+        mega = [mb[torch.argsort(self.lengths[mb], descending=True, stable=True)]
+                for mb in perm.split(self.mega * bs)]
         batches = list(torch.cat(mega).split(bs))
         tail = [batches.pop()] if len(batches[-1]) < bs else []  # must stay last to keep batch boundaries
         batches = [batches[i] for i in torch.randperm(len(batches), generator=g)]
@@ -427,7 +432,7 @@ class GlueDataModule(L.LightningDataModule):
     def _load(self, split: str) -> TokenizedSplit:
         limit = self.max_train_samples if split == "train" else self.max_eval_samples
         source = _Source(self._task, split, self.root)
-        if self._tok_fp is None:  # hashing the vocabulary costs ~0.1 s: once per data module
+        if self._tok_fp is None:  # hashing the vocabulary costs ~0.2 s: once per data module
             self._tok_fp = tokenizer_fingerprint(self.tokenizer)
         import transformers
 

@@ -110,11 +110,11 @@ def install(model: nn.Module, variant: Variant, lam: float, beta: float, num_rev
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     backbone = find_backbone(model)
+    if isinstance(getattr(backbone, "encoder", None), MeftEncoder):
+        raise ConfigError(f"method={variant.name}: {type(model).__name__} already has MEFT applied; "
+                          "apply a method once, to a fresh pre-trained model")
     layers = getattr(getattr(backbone, "encoder", None), "layer", None)
     if model_type not in SUPPORTED_MODEL_TYPES or layers is None or not all(map(_looks_like_bert_layer, layers)):
-        if isinstance(getattr(backbone, "encoder", None), MeftEncoder):
-            raise ConfigError(f"method={variant.name}: {type(model).__name__} already has MEFT applied; "
-                              "apply a method once, to a fresh pre-trained model")
         raise ConfigError(
             f"method={variant.name}: model type {model_type!r} ({type(model).__name__}) is not supported; "
             f"MEFT supports {', '.join(SUPPORTED_MODEL_TYPES)} (BERT-family encoders): choose such a backbone"

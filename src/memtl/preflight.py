@@ -1,0 +1,85 @@
+"""Check the command line before Hydra starts a run: bad input -> one line, exit 2, nothing written.
+
+Hydra's own errors are correct but span many lines (search paths, stack-trace hints);
+this composes the same config first and reports the first problem in one line that names
+the key and the fix. Sweeps (``-m a=1,2``) are checked on every group choice and on the
+first combination of values.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from memtl.errors import ConfigError
+
+HYDRA_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--version",
+               "--shell-completion", "-sc", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+               "--config-dir", "-cd", "--experimental-rerun"}
+PREFIX = {"ADD": "+", "FORCE_ADD": "++", "DEL": "~", "CHANGE": ""}
+
+
+def preflight(argv: list[str], conf_dir: Path, config_name: str = "train") -> None:
+    if any(a.split("=")[0] in HYDRA_FLAGS for a in argv):
+        return  # help / info / cfg printing: Hydra's business
+    overrides = [a for a in argv if not a.startswith("-")]
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as e:
+        raise ConfigError(f"cannot parse the command line: {_one_line(str(e))}") from None
+
+    first: list[str] = []
+    for o in parsed:
+        key = o.key_or_group
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+            continue
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        group_dir = conf_dir / key
+        if group_dir.is_dir() and not o.is_delete():
+            choices = sorted(str(p.relative_to(group_dir).with_suffix("")) for p in group_dir.rglob("*.yaml"))
+            for v in values:
+                if v not in choices and v != "null":
+                    raise ConfigError(f"unknown {key} '{v}': choose one of {', '.join(choices)}")
+        value = values[0] if values else ""
+        first.append(f"{PREFIX.get(o.type.name, '')}{key}" + ("" if o.is_delete() and not value else f"={value}"))
+
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            cfg = compose(config_name, overrides=first)
+    except Exception as e:  # Hydra/OmegaConf composition errors: same text, one line
+        raise ConfigError(_unknown_key(str(e), first, conf_dir, config_name) or _one_line(str(e))) from None
+
+    from memtl.run import validate
+
+    validate(cfg)
+
+
+def _unknown_key(message: str, overrides: list[str], conf_dir: Path, config_name: str) -> str | None:
+    """A typo in a key: name the valid keys of its parent instead of suggesting '+key'."""
+    import re
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import DictConfig, OmegaConf
+
+    m = re.search(r"Could not override '([^']+)'", message)
+    if not m:
+        return None
+    key = m.group(1)
+    parent, _, leaf = key.rpartition(".")
+    rest = [o for o in overrides if o.lstrip("+~").split("=")[0] != key]
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        cfg = compose(config_name, overrides=rest)
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if not isinstance(node, DictConfig) or leaf in node:
+        return None  # the key exists: a different problem (e.g. a wrong type)
+    return f"unknown key '{key}': the keys under '{parent or '<root>'}' are {', '.join(sorted(node.keys()))}"
+
+
+def _one_line(message: str) -> str:
+    lines = [ln.strip() for ln in message.splitlines()]
+    keep = [ln for ln in lines if ln and not ln.startswith(("full_key", "object_type", "reference_type",
+                                                             "Config search path", "provider=", "See https"))]
+    return " ".join(keep)
