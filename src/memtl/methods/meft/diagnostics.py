@@ -12,22 +12,15 @@ logs that every N training steps and warns above a threshold.
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
+from lightning.pytorch import Callback
 
 from memtl.methods.meft.bert import MeftEncoder
 from memtl.methods.meft.engine import layer_forward, layer_inverse
-
-try:  # Lightning is a framework dependency, but keep this module importable without it
-    from lightning.pytorch import Callback
-except ImportError:  # pragma: no cover
-    Callback = object
-
-log = logging.getLogger(__name__)
 
 # inputs the encoder depends on; labels etc. are not needed to measure reconstruction
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
@@ -143,5 +136,4 @@ class ReconstructionErrorMonitor(Callback):
             msg = (f"MEFT reconstruction error {worst_rel:.3g} (relative) > {self.threshold:g} at step "
                    f"{trainer.global_step}: gradients are inexact; use higher precision, larger lam/beta "
                    "or fewer reversible layers (method.num_rev_layers)")
-            log.warning(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
