@@ -147,3 +147,14 @@ def test_rerun_in_the_same_folder_keeps_earlier_results(glue_root, tmp_path):
     run(cfg)
     kept = list(tmp_path.glob("results.previous-*.json"))
     assert len(kept) == 1 and kept[0].read_text() == first
+
+
+def test_pretrained_backbone_trains_with_dropout_on(tmp_path):
+    """from_pretrained hands back eval mode and Lightning keeps module modes as found."""
+    from memtl.run import build
+
+    cfg = compose(["backbone=minilm", "method=lora", "task=glue/rte", "data.max_train_samples=16",
+                   "data.max_eval_samples=16", "logger=none"], tmp_path)
+    trainer, module, *_ = build(cfg)
+    dropouts = [m for m in module.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.training for m in dropouts)

@@ -160,6 +160,7 @@ def build(cfg: DictConfig):
            f"data.max_length={cfg.data.max_length} exceeds backbone {cfg.backbone.name}'s {limit} positions: "
            f"set data.max_length<={limit}")
     model = apply_method(model, cfg.method.name, **method_kwargs(cfg.method))
+    model.train()  # from_pretrained returns eval mode and Lightning keeps modes as found: dropout on
     params = count_parameters(model)
     log.info("method %s on %s: %s trainable of %s parameters (%.2f%%)", cfg.method.name, cfg.backbone.name,
              f"{params['trainable']:,}", f"{params['total']:,}", 100 * params["trainable"] / params["total"])

@@ -2,7 +2,9 @@
 
     model = memtl.apply_method(model, "meft2", bottleneck=8)
 
-The pre-trained weights are frozen; adapters and the task head train. During backward
+The pre-trained weights are frozen; adapters and the task head train (``classifier`` /
+``score`` / ``qa_outputs`` and the backbone's pooler when it has one; LM heads stay
+frozen, their decoder is tied to the word embeddings). During backward
 the activations of the reversible layers are reconstructed from the layer outputs, so
 peak activation memory does not grow with depth (DESIGN §1). Layout:
 
