@@ -47,8 +47,8 @@ class FineTuneModule(L.LightningModule):
             for name, value in metrics.compute().items():
                 values[prefix + name] = float(value)
             metrics.reset()
-        for k, v in values.items():  # metrics are already synced across processes by torchmetrics
-            self.log(f"val/{k}", v, prog_bar=k == self.main_metric)
+        for k, v in values.items():  # torchmetrics already synced them: averaging equal values is a no-op
+            self.log(f"val/{k}", v, prog_bar=k == self.main_metric, sync_dist=True)
         if self.trainer.sanity_checking:
             return
         entry = {"epoch": self.current_epoch, "step": self.global_step, **values}

@@ -11,8 +11,11 @@ from typing import Any
 RESULTS_FILE = "results.json"
 
 
-def write_results(output_dir: str | os.PathLike, results: dict[str, Any]) -> Path:
-    """Atomic write (tmp file + rename): a crash mid-write never leaves half a file."""
+def write_results(output_dir: str | os.PathLike | None, results: dict[str, Any]) -> Path | None:
+    """Atomic write (tmp file + rename): a crash mid-write never leaves half a file.
+    ``output_dir=None`` (a non-zero DDP rank) writes nothing."""
+    if output_dir is None:
+        return None
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS_FILE

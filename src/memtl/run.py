@@ -65,7 +65,10 @@ def _check(ok: bool, message: str) -> None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fine-tune as configured; returns (and writes) the results dict."""
     validate(cfg)
-    output_dir = cfg.paths.output_dir
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    # under DDP every process runs this function: only rank 0 owns results.json
+    output_dir = cfg.paths.output_dir if rank_zero_only.rank == 0 else None
     keep_previous_results(output_dir)
     results: dict[str, Any] = {
         "status": "running",
@@ -116,8 +119,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-def keep_previous_results(output_dir: str) -> None:
+def keep_previous_results(output_dir: str | None) -> None:
     """A rerun into the same folder must not overwrite an earlier run's results."""
+    if output_dir is None:
+        return
     path = Path(output_dir) / RESULTS_FILE
     if path.exists():
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
