@@ -6,6 +6,7 @@ a reversible model ...): the module only calls it with the batch and reads ``los
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -14,6 +15,8 @@ import torch
 import torch.nn as nn
 
 from memtl.metrics import GlueMetrics
+
+log = logging.getLogger("memtl")
 
 class FineTuneModule(L.LightningModule):
     def __init__(self, model: nn.Module, task, optim: dict[str, Any], config: dict | None = None):
@@ -62,6 +65,9 @@ class FineTuneModule(L.LightningModule):
                 "step": self.global_step,
                 "metrics": values,
             }
+        log.info("epoch %d step %d: %s (best %s=%.4f at epoch %d)", self.current_epoch, self.global_step,
+                 " ".join(f"{k}={v:.4f}" for k, v in values.items()), self.main_metric, self.best["value"],
+                 self.best["epoch"])
 
     # -- optimisation ------------------------------------------------------------------
     def configure_optimizers(self):
