@@ -39,6 +39,7 @@ DEFAULT_METHODS = ["full", "lora", "full+ckpt", "lora+ckpt"]
 GEOMETRIES = {
     "minilm-random": dict(hidden_size=384, num_attention_heads=12, intermediate_size=1536, num_hidden_layers=6),
     "bert-base": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, num_hidden_layers=12),
+    "tiny": dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2),  # tests
 }
 
 

@@ -95,4 +95,4 @@ def _load_builtin() -> None:
     if _loaded:
         return
     _loaded = True
-    from memtl.methods import full, lora, meft  # noqa: F401
+    from memtl.methods import full, lora, meft, sherl  # noqa: F401

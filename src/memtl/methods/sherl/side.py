@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 #: guards the three divisions of the fusion: vector norms (cosine), the redundancy ρ
 #: and the L1 normaliser. Clamping (not adding) keeps the formulas exact whenever the
@@ -105,17 +106,25 @@ class SideModule(nn.Module):
         # gated skip from h_L: tanh(g / T), g starts at 0 (closed)
         self.gate = nn.Parameter(torch.zeros((), **kw))
         self.temperature = temperature
+        # recompute each projection in backward, from its input h_i alone (gradient checkpointing)
+        self.checkpoint_projections = False
 
     def project(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_projections and self.training and torch.is_grad_enabled():
+            return checkpoint(self.projections[i], h, use_reentrant=False)
         return self.projections[i](h)
 
     def combine(self, zs: list[torch.Tensor], h_last: torch.Tensor) -> torch.Tensor:
-        """Fusion + output block from the projected features ``zs = [z_0, …, z_L]``."""
-        shallow = torch.stack(zs[:-1], dim=-2)  # (batch, seq, L, d')
-        u = self.fusion(shallow, zs[-1])
+        """Fusion + output block from the projected features ``zs = [z_0, …, z_L]``.
+
+        Empties ``zs``: once stacked, the per-layer z_i must not stay alive beside the stack
+        (that would double the d'-wide per-layer memory for the rest of the forward)."""
+        deep = zs.pop()
+        shallow = torch.stack(zs, dim=-2)  # (batch, seq, L, d')
+        zs.clear()
+        u = self.fusion(shallow, deep)
         out = self.dropout(self.out_norm(self.out_proj(torch.relu(u))))
         return out + torch.tanh(self.gate / self.temperature) * h_last
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        zs = [self.project(i, h) for i, h in enumerate(features)]
-        return self.combine(zs, features[-1])
+        return self.combine([self.project(i, h) for i, h in enumerate(features)], features[-1])

@@ -1,0 +1,27 @@
+"""``memtl <command>``: the tools around training (training itself is ``python train.py``).
+
+    memtl bench [--geometry ...]     side-by-side memory/speed benchmark (python -m memtl.bench)
+"""
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {"bench": "memtl.bench"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command '{command}': choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    import importlib
+
+    return importlib.import_module(COMMANDS[command]).main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""SHERL: early anti-redundancy route + late-layer route (Diao et al., ECCV 2024; DESIGN §2).
+
+    model = memtl.apply_method(model, "sherl", late_layers=1)
+
+The embeddings and the first N−k pre-trained layers run under ``torch.no_grad()``: no
+autograd graph, no gradient, none of their internals kept. Their outputs h_0 … h_{N−k}
+are projected to width d' (one projection each), fused per token by the anti-redundancy
+module, mapped back to width d and added to the gated ``tanh(g/T)·h_{N−k}``; the result
+enters the last k pre-trained layers, which run with autograd, then the task head.
+Layout:
+
+- ``side.py`` projections, anti-redundancy fusion, output block (architecture-agnostic)
+- ``late.py`` optional LoRA / adapters in the late layers
+- ``bert.py`` BERT/RoBERTa: the encoder replacement
+
+Trainable: the side module (projections, fusion w/b, output block, gate g), the task head
+(``classifier``/``score``/``qa_outputs`` and the backbone's pooler when it has one), and
+the late-layer LoRA/adapters when enabled. Every pre-trained weight is frozen.
+
+Options:
+
+- ``late_layers``: k, the late layers that run with autograd (authors' BERT code: 1);
+  1 <= k < number of layers.
+- ``side_width``: d', the side module's width; ``None`` = hidden/2. The authors' BERT text
+  encoder uses 1024/2; we keep the ratio (half the hidden size) rather than the absolute
+  512, which would be wider than small backbones such as MiniLM (hidden 384).
+- ``projection``: ``linear`` = Linear(d→d') + LayerNorm per kept feature (BERT variant);
+  ``gated`` = the T5 variant's gated two-layer MLP ``x = relu(fc1 h)``,
+  ``z = (fc2 x + x)·sigmoid(fc3 x)``.
+- ``gate_temperature``: T of the skip gate ``tanh(g/T)`` (authors: 0.1; g starts at 0).
+- ``late_tuning``: ``frozen`` (authors' default: the late layers stay frozen, gradients
+  flow through them into the side module), ``lora`` (LoRA on their attention query/value,
+  rank ``late_lora_r``, scale ``late_lora_alpha/late_lora_r``, B = 0 at init) or
+  ``adapter`` (Houlsby-style adapters after their attention and feed-forward output
+  projections, bottleneck ``late_adapter_bottleneck``, near zero at init).
+- ``dropout``: dropout of the side module's output block and of the late LoRA/adapter
+  inputs; ``None`` = the model's ``hidden_dropout_prob``.
+- ``gradient_checkpointing``: recompute the side module and the late layers in backward.
+  The early route is never recomputed (it has no backward); what remains between forward
+  and backward is one d-wide feature per early layer (the projections' inputs h_i) plus
+  each late layer's input. Off by default: without it the side module also keeps its
+  d'-wide intermediates (two per layer for ``linear``), which is already small.
+
+Memory (DESIGN §4): what grows with the number of early layers is, per layer and token,
+h_i (d floats, needed for P_i's weight gradient) plus, without checkpointing, P_i's
+pre-LayerNorm output and z_i (d' each): 2d floats at d' = d/2, against full fine-tuning's
+whole layer of activations and gradients.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from memtl.errors import ConfigError
+from memtl.methods import head_parameter_names, register_method
+from memtl.methods.sherl.bert import SherlEncoder, install
+from memtl.methods.sherl.late import add_adapters, add_lora
+from memtl.methods.sherl.side import PROJECTIONS, AntiRedundancyFusion, SideModule
+
+__all__ = ["SherlOptions", "SherlEncoder", "SideModule", "AntiRedundancyFusion", "apply_sherl"]
+
+LATE_TUNING = ("frozen", "lora", "adapter")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass
+class SherlOptions:
+    late_layers: int = 1
+    side_width: int | None = None  # None: hidden size / 2
+    projection: str = "linear"
+    gate_temperature: float = 0.1
+    late_tuning: str = "frozen"
+    late_lora_r: int = 8
+    late_lora_alpha: float = 16
+    late_adapter_bottleneck: int = 8
+    dropout: float | None = None  # None: the model's hidden dropout
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if not _is_int(self.late_layers) or self.late_layers < 1:
+            raise ConfigError(f"method.late_layers={self.late_layers}: must be an integer >= 1 "
+                              "(and below the number of layers)")
+        if self.side_width is not None and (not _is_int(self.side_width) or self.side_width < 1):
+            raise ConfigError(f"method.side_width={self.side_width}: must be an integer >= 1, "
+                              "or null for half the hidden size")
+        if self.projection not in PROJECTIONS:
+            raise ConfigError(f"method.projection={self.projection!r}: choose one of {', '.join(PROJECTIONS)}")
+        if not _is_number(self.gate_temperature) or not math.isfinite(self.gate_temperature) \
+                or self.gate_temperature <= 0:
+            raise ConfigError(f"method.gate_temperature={self.gate_temperature}: must be a finite number > 0 "
+                              "(authors: 0.1)")
+        if self.late_tuning not in LATE_TUNING:
+            raise ConfigError(f"method.late_tuning={self.late_tuning!r}: choose one of {', '.join(LATE_TUNING)}")
+        if not _is_int(self.late_lora_r) or self.late_lora_r < 1:
+            raise ConfigError(f"method.late_lora_r={self.late_lora_r}: the LoRA rank must be an integer >= 1")
+        if not _is_number(self.late_lora_alpha) or not math.isfinite(self.late_lora_alpha) \
+                or self.late_lora_alpha <= 0:
+            raise ConfigError(f"method.late_lora_alpha={self.late_lora_alpha}: must be a finite number > 0")
+        if not _is_int(self.late_adapter_bottleneck) or self.late_adapter_bottleneck < 1:
+            raise ConfigError(f"method.late_adapter_bottleneck={self.late_adapter_bottleneck}: "
+                              "must be an integer >= 1")
+        if self.dropout is not None and not (_is_number(self.dropout) and 0 <= self.dropout < 1):
+            raise ConfigError(f"method.dropout={self.dropout}: must be in [0, 1), "
+                              "or null for the model's hidden dropout")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ConfigError(f"method.gradient_checkpointing={self.gradient_checkpointing!r}: must be true or false")
+
+
+@register_method("sherl", SherlOptions)
+def apply_sherl(model: nn.Module, opts: SherlOptions) -> nn.Module:
+    """Apply SHERL to a BERT-family model in place; returns it."""
+    model.requires_grad_(False)  # everything pre-trained is frozen ...
+    backbone = install(model, opts.late_layers, opts.side_width, opts.projection, opts.dropout,
+                       float(opts.gate_temperature), opts.gradient_checkpointing)
+    encoder: SherlEncoder = backbone.encoder
+    encoder.side.requires_grad_(True)  # ... except the side module ...
+    dropout = model.config.hidden_dropout_prob if opts.dropout is None else opts.dropout
+    for layer in encoder.layer[encoder.num_early:]:  # ... the late-layer LoRA/adapters ...
+        if opts.late_tuning == "lora":
+            new = add_lora(layer, opts.late_lora_r, float(opts.late_lora_alpha), dropout)
+        elif opts.late_tuning == "adapter":
+            new = add_adapters(layer, opts.late_adapter_bottleneck, dropout)
+        else:
+            new = []
+        for m in new:
+            m.requires_grad_(True)
+    for name in head_parameter_names(model):  # ... and the task head
+        model.get_submodule(name).requires_grad_(True)
+    if getattr(backbone, "pooler", None) is not None:  # bare BertModel: its pooler is the head
+        backbone.pooler.requires_grad_(True)
+    return model

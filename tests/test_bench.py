@@ -1,0 +1,45 @@
+"""The benchmark's table contract: every method present, ratios computed against full."""
+import json
+
+import pytest
+
+from memtl.bench import main
+from memtl.cli import main as cli_main
+
+
+def test_bench_table_contract(tmp_path, capsys):
+    rc = main(["--geometry", "tiny", "--layers", "2,4", "--methods", "lora,full+ckpt,meft2", "--batch-size", "2",
+               "--seq-len", "16", "--steps", "2", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [(r["method"], r["layers"]) for r in rows] == [
+        (m, d) for d in (2, 4) for m in ("full", "lora", "full+ckpt", "meft2")]  # full added first
+    for r in rows:
+        full = next(f for f in rows if f["method"] == "full" and f["layers"] == r["layers"])
+        assert r["peak_step_mib"] > 0 and r["step_time_s"] > 0
+        assert r["peak_step_ratio"] == pytest.approx(r["peak_step_mib"] / full["peak_step_mib"])
+        assert r["step_time_ratio"] == pytest.approx(r["step_time_s"] / full["step_time_s"])
+    assert all(r["peak_step_ratio"] == 1.0 for r in rows if r["method"] == "full")
+    # trainable counts differ as the methods promise
+    by = {(r["method"], r["layers"]): r for r in rows}
+    assert by[("lora", 2)]["trainable_params"] < by[("full", 2)]["trainable_params"]
+    assert by[("full+ckpt", 2)]["trainable_params"] == by[("full", 2)]["trainable_params"]
+    table = capsys.readouterr().out
+    assert "peak/full" in table and "meft2" in table
+    assert (tmp_path / "bench.csv").read_text().count("\n") == len(rows) + 1
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--methods", "full,nope"], "unknown method nope"),
+    (["--geometry", "minilm", "--layers", "6,12"], "--layers needs a random geometry"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+])
+def test_bench_bad_input(args, needle, capsys, tmp_path):
+    assert main([*args, "--out", str(tmp_path)]) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_cli_dispatch(capsys):
+    assert cli_main(["nope"]) == 2 and "unknown command 'nope'" in capsys.readouterr().err
+    assert cli_main(["--help"]) == 0 and "memtl bench" in capsys.readouterr().out
