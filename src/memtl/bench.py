@@ -81,9 +81,11 @@ def bench_method(spec: str, geometry: str, layers: int | None, batch_size: int, 
     opt = torch.optim.AdamW(trainable, lr=1e-5)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
-    def fwd_bwd():
+    def fwd_bwd(meter=None):
         with autocast:
             loss = model(**batch).loss
+        if meter is not None:
+            meter.mark_backward()
         loss.backward()
 
     def step():
@@ -94,7 +96,7 @@ def bench_method(spec: str, geometry: str, layers: int | None, batch_size: int, 
     step()  # warm-up: optimizer state, allocator caches
     meter = StepMemoryMeter(device, model.parameters())
     with meter:
-        fwd_bwd()
+        fwd_bwd(meter)
     opt.zero_grad(set_to_none=True)
     times = []
     for _ in range(steps):

@@ -5,8 +5,10 @@
 * peak step memory — the peak of live bytes allocated during the step, relative to just
   before it. CUDA: the allocator's peak counter. CPU: the profiler's raw ``[memory]``
   events summed in time order (running maximum).
-* saved-for-backward bytes — tensors packed by autograd, each storage counted once,
-  parameters excluded. Code that installs its own saved-tensor hooks (non-reentrant
+* saved-for-backward bytes — tensors packed by autograd during the forward (what the
+  backward will need), each storage counted once, parameters excluded. Tensors packed
+  later, by recomputation inside the backward (reversible layers, checkpointing), are
+  transient and not counted: call ``mark_backward()`` between forward and backward. Code that installs its own saved-tensor hooks (non-reentrant
   checkpointing, reversible engines) hides its tensors from this hook, so it is a
   breakdown, not the headline.
 
@@ -30,6 +32,8 @@ class StepMemoryMeter:
 
     # -- saved tensors -------------------------------------------------------------
     def _pack(self, t: torch.Tensor):
+        if self._in_backward:
+            return t
         try:
             storage = t.untyped_storage()
             ptr = storage.data_ptr()
@@ -44,6 +48,7 @@ class StepMemoryMeter:
     def start(self) -> None:
         self._seen: set[int] = set()
         self._saved = 0
+        self._in_backward = False
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()
         if self.device.type == "cuda":
@@ -54,6 +59,10 @@ class StepMemoryMeter:
             self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
             self._prof.__enter__()
         self._t0 = time.perf_counter()
+
+    def mark_backward(self) -> None:
+        """The forward is done: from here on, saved tensors belong to recomputation."""
+        self._in_backward = True
 
     def stop(self) -> None:
         if self.device.type == "cuda":

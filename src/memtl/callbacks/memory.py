@@ -41,6 +41,10 @@ class MemoryMonitor(L.Callback):
             _sync(pl_module.device)
             self._t0 = time.perf_counter()
 
+    def on_before_backward(self, trainer, pl_module, loss):
+        if self._meter is not None:
+            self._meter.mark_backward()
+
     def on_after_backward(self, trainer, pl_module):
         if self._meter is None:
             return

@@ -35,16 +35,20 @@ Options:
   projections, bottleneck ``late_adapter_bottleneck``, near zero at init).
 - ``dropout``: dropout of the side module's output block and of the late LoRA/adapter
   inputs; ``None`` = the model's ``hidden_dropout_prob``.
-- ``gradient_checkpointing``: recompute the side module and the late layers in backward.
-  The early route is never recomputed (it has no backward); what remains between forward
-  and backward is one d-wide feature per early layer (the projections' inputs h_i) plus
-  each late layer's input. Off by default: without it the side module also keeps its
-  d'-wide intermediates (two per layer for ``linear``), which is already small.
+- ``gradient_checkpointing``: recompute, in backward, the side module (each projection
+  on its own, from its input h_i) and the late layers (non-reentrant
+  ``torch.utils.checkpoint``). The early route is never recomputed: it has no backward.
+  Between forward and backward there then remain only the h_i (one d-wide tensor per
+  early layer, what P_i's weight gradient needs) and the late layers' inputs. Off by
+  default (the authors' setting); the saved-tensor hook of ``StepMemoryMeter`` cannot see
+  inside a checkpoint, so compare peak step memory, not saved bytes.
 
-Memory (DESIGN §4): what grows with the number of early layers is, per layer and token,
-h_i (d floats, needed for P_i's weight gradient) plus, without checkpointing, P_i's
-pre-LayerNorm output and z_i (d' each): 2d floats at d' = d/2, against full fine-tuning's
-whole layer of activations and gradients.
+Memory (DESIGN §4), per extra early layer and token: h_i (d floats, needed for P_i's
+weight gradient; the floor short of recomputing frozen layers) plus, without
+checkpointing, P_i's pre-LayerNorm output and z_i (d' each): 2d at d' = d/2. The fusion's
+hand-written backward keeps a single d'-wide gradient buffer per layer. Measured (CPU
+profiler, random BERT hidden 384, 8 x 128, k = 1): +3.0 MiB per early layer (+1.5 with
+checkpointing) against +45 MiB per layer for full fine-tuning, i.e. 6.7% (3.4%).
 """
 from __future__ import annotations
 

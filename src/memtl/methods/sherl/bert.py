@@ -32,10 +32,11 @@ class SherlEncoder(nn.Module):
     outputs ``h_0 … h_{N-k}`` are the only tensors the early route keeps. ``side`` turns
     them into the input of ``layer[n_early:]``, which run with autograd.
 
-    ``checkpointing`` (public, switchable): during training recompute the side module and
-    each late layer in backward (non-reentrant ``torch.utils.checkpoint``), so only the
-    side module's inputs h_i (one d-wide tensor per early layer) and each late layer's
-    input are kept between forward and backward.
+    ``checkpointing`` (public, switchable): during training recompute the side module
+    (and, inside it, each projection on its own) and each late layer in backward
+    (non-reentrant ``torch.utils.checkpoint``), so only the side module's inputs h_i (one
+    d-wide tensor per early layer) and each late layer's input are kept between forward
+    and backward.
     """
 
     def __init__(self, layers: nn.ModuleList, num_late: int, side: SideModule, checkpointing: bool = False):

@@ -49,6 +49,73 @@ class GatedProjection(nn.Module):
 PROJECTIONS = {"linear": LinearProjection, "gated": GatedProjection}
 
 
+class _FusionFunction(torch.autograd.Function):
+    """The anti-redundancy fusion with a hand-written backward, on flattened tokens.
+
+    Shapes: ``shallow`` (N, L, d'), ``deep`` (N, d'), ``w`` (d'), ``b`` (1). Forward runs
+    without a graph and saves only ``shallow``, ``deep`` and per-token vectors of length L;
+    backward writes the gradient of ``shallow`` into ONE (N, L, d') buffer (in-place
+    batched rank-1 updates), where plain autograd through the same formulas would hold
+    several such buffers at once (one per use of ``shallow``: norm, Gram matrix, score,
+    weighted sum) and dominate the step's peak memory as the number of early layers grows.
+    The small (N, L, L) cosine matrix is recomputed in backward rather than kept.
+    """
+
+    @staticmethod
+    def forward(ctx, shallow, deep, w, b):
+        zn = shallow.norm(dim=-1)  # (N, L)
+        n = zn.clamp_min(EPS)
+        cos = torch.bmm(shallow, shallow.transpose(1, 2)) / (n.unsqueeze(2) * n.unsqueeze(1))  # (N, L, L)
+        rs = torch.relu(cos).sum(-1)  # Σ_m relu(cos(z_j, z_m)), m over all shallow layers (j included)
+        rho = rs.clamp_min(EPS)
+        v = deep * w  # w ⊙ deep: w·(z_j ⊙ deep) = z_j·(w ⊙ deep)
+        s = torch.bmm(shallow, v.unsqueeze(2)).squeeze(2) + b  # (N, L)
+        r = torch.relu(s)
+        ap = r / rho
+        sa = ap.sum(-1, keepdim=True)
+        a = ap / sa.clamp_min(EPS)  # L1 normalisation (a >= 0)
+        u = torch.bmm(a.unsqueeze(1), shallow).squeeze(1) + deep
+        ctx.save_for_backward(shallow, deep, w, zn, rs, s, sa)
+        return u
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gu):
+        shallow, deep, w, zn, rs, s, sa = ctx.saved_tensors
+        # recompute the small per-token quantities
+        n = zn.clamp_min(EPS)
+        cos = torch.bmm(shallow, shallow.transpose(1, 2)) / (n.unsqueeze(2) * n.unsqueeze(1))
+        rho = rs.clamp_min(EPS)
+        r = torch.relu(s)
+        ap = r / rho
+        S = sa.clamp_min(EPS)
+        a = ap / S
+        v = deep * w
+        # u = Σ_j a_j z_j + deep
+        ga = torch.bmm(shallow, gu.unsqueeze(2)).squeeze(2)  # (N, L)
+        # a = ap / S (S = Σ ap unless clamped)
+        gap = ga / S - (sa > EPS) * (ga * ap).sum(-1, keepdim=True) / S**2
+        # ap = relu(s) / rho
+        gs = gap / rho * (s > 0)
+        grs = -gap * r / rho**2 * (rs > EPS)
+        # rs_j = Σ_m relu(cos_jm); cos_jm = G_jm / (n_j n_m)
+        gcos = grs.unsqueeze(2) * (cos > 0)  # (N, L, L)
+        gG = gcos / (n.unsqueeze(2) * n.unsqueeze(1))
+        gc = gcos * cos
+        gn = -(gc.sum(2) + gc.sum(1)) / n
+        gzn = gn * (zn > EPS)
+        # accumulate d loss / d shallow in one buffer
+        gshallow = torch.bmm(gG + gG.transpose(1, 2), shallow)  # from G = Z Zᵀ
+        gshallow.baddbmm_(a.unsqueeze(2), gu.unsqueeze(1))  # from Σ_j a_j z_j
+        gshallow.baddbmm_(gs.unsqueeze(2), v.unsqueeze(1))  # from s_j = z_j·v + b
+        gshallow.addcmul_(shallow, (gzn / zn.clamp_min(torch.finfo(zn.dtype).tiny)).unsqueeze(2))  # from ‖z_j‖
+        gv = torch.bmm(gs.unsqueeze(1), shallow).squeeze(1)  # (N, d')
+        gdeep = gu + gv * w
+        gw = (gv * deep).sum(0)
+        gb = gs.sum().reshape(1)
+        return gshallow, gdeep, gw, gb
+
+
 class AntiRedundancyFusion(nn.Module):
     """Fuse the shallow features into the deep one, per token (DESIGN §2):
 
@@ -59,29 +126,21 @@ class AntiRedundancyFusion(nn.Module):
     - ``a_j = relu(w·(z_j ⊙ deep) + b) / ρ_j``, then L1-normalised over j;
     - ``u = Σ_j a_j z_j + deep``.
 
-    Written so that backward keeps only the stacked shallow features (one d'-wide tensor
-    per layer) plus per-token scalars: the cosine comes from the Gram matrix and the norms,
-    and ``w·(z_j ⊙ deep)`` is computed as ``z_j · (w ⊙ deep)`` (no per-layer product).
+    ``cos`` divides by ``max(‖z‖, EPS)``; ρ and the L1 sum are clamped at ``EPS``.
+    Backward is hand-written (``_FusionFunction``) to keep one gradient buffer; the tests
+    check it against finite differences and a loop-by-loop recomputation.
     """
 
     def __init__(self, side_dim: int, **kw):
         super().__init__()
         self.score = nn.Linear(side_dim, 1, **kw)  # w (weight) and b (bias)
 
-    def weights(self, shallow: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
-        """The normalised scores ``a``: shape (..., L) for shallow (..., L, d'), deep (..., d')."""
-        norms = shallow.norm(dim=-1).clamp_min(EPS)  # (..., L)
-        gram = shallow @ shallow.transpose(-1, -2)  # (..., L, L)
-        cos = gram / (norms.unsqueeze(-1) * norms.unsqueeze(-2))
-        rho = torch.relu(cos).sum(-1).clamp_min(EPS)  # (..., L)
-        guide = self.score.weight[0] * deep  # w ⊙ deep, (..., d')
-        s = (shallow @ guide.unsqueeze(-1)).squeeze(-1) + self.score.bias  # w·(z_j ⊙ deep) + b
-        a = torch.relu(s) / rho
-        return a / a.sum(-1, keepdim=True).clamp_min(EPS)
-
     def forward(self, shallow: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
-        a = self.weights(shallow, deep)
-        return (a.unsqueeze(-2) @ shallow).squeeze(-2) + deep
+        """``shallow`` (..., L, d'), ``deep`` (..., d') -> ``u`` (..., d')."""
+        lead, (L, d) = deep.shape[:-1], shallow.shape[-2:]
+        u = _FusionFunction.apply(shallow.reshape(-1, L, d), deep.reshape(-1, d), self.score.weight[0],
+                                  self.score.bias)
+        return u.reshape(*lead, d)
 
 
 class SideModule(nn.Module):
