@@ -158,3 +158,17 @@ def test_pretrained_backbone_trains_with_dropout_on(tmp_path):
     trainer, module, *_ = build(cfg)
     dropouts = [m for m in module.model.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and all(m.training for m in dropouts)
+
+
+def test_meft_with_the_reconstruction_monitor_through_the_cli(glue_root, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(["backbone=tiny_bert", "method=meft2", "task=glue/rte", f"data.root={glue_root}", *SMOKE[:-1],
+                    "logger=csv", "callbacks=[default,meft_recon]", "callbacks.meft_recon.every_n_steps=1",
+                    "trainer.log_every_n_steps=1",
+                    f"hydra.run.dir={out}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = read(out)
+    assert res["status"] == "completed" and res["run"]["method"] == "meft2"
+    assert res["params"]["trainable"] < res["params"]["total"] / 2
+    csv_text = (out / "csv" / "metrics.csv").read_text()
+    assert "meft/recon_err_max" in csv_text and "meft/recon_err/layer_0" in csv_text

@@ -38,8 +38,9 @@ def preflight(argv: list[str], conf_dir: Path, config_name: str = "train") -> No
         group_dir = conf_dir / key
         if group_dir.is_dir() and not o.is_delete():
             choices = sorted(str(p.relative_to(group_dir).with_suffix("")) for p in group_dir.rglob("*.yaml"))
-            for v in values:
-                if v not in choices and v != "null":
+            picked = o.value() if not o.is_sweep_override() and isinstance(o.value(), list) else values
+            for v in picked:  # a list selects several configs of the group: callbacks=[default,meft_recon]
+                if str(v) not in choices and v not in ("null", None):
                     raise ConfigError(f"unknown {key} '{v}': choose one of {', '.join(choices)}")
         value = values[0] if values else ""
         first.append(f"{PREFIX.get(o.type.name, '')}{key}" + ("" if o.is_delete() and not value else f"={value}"))

@@ -27,8 +27,8 @@ SUPPORTED_MODEL_TYPES = ("bert", "roberta")
 class SherlEncoder(nn.Module):
     """Drop-in for ``BertEncoder``: early route without a graph, side module, late layers.
 
-    ``layer[:n_early]`` run under ``torch.no_grad()`` (their input, the embedding output,
-    is detached too, so not even a trainable embedding could receive a gradient); their
+    ``layer[:n_early]`` run under ``torch.no_grad()``, as do the embeddings (through hooks
+    installed by ``install``; their output is detached here as well); their
     outputs ``h_0 … h_{N-k}`` are the only tensors the early route keeps. ``side`` turns
     them into the input of ``layer[n_early:]``, which run with autograd.
 
@@ -88,6 +88,22 @@ class SherlEncoder(nn.Module):
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=x)
 
 
+def _no_grad_enter(module: nn.Module, args) -> None:
+    module._sherl_grad_enabled = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)
+
+
+def _no_grad_exit(module: nn.Module, args, output) -> None:
+    torch.set_grad_enabled(module.__dict__.pop("_sherl_grad_enabled", True))
+
+
+def run_without_grad(module: nn.Module) -> None:
+    """Make ``module`` always run under ``torch.no_grad()`` (hooks, so the module's class,
+    name and state-dict keys stay as they are; the exit hook runs even on an exception)."""
+    module.register_forward_pre_hook(_no_grad_enter)
+    module.register_forward_hook(_no_grad_exit, always_call=True)
+
+
 def _looks_like_bert_layer(layer: nn.Module) -> bool:
     attn = getattr(layer, "attention", None)
     return (all(hasattr(layer, a) for a in ("attention", "intermediate", "output"))
@@ -125,5 +141,6 @@ def install(model: nn.Module, late_layers: int, side_width: int | None, projecti
         dropout=config.hidden_dropout_prob if dropout is None else dropout, temperature=temperature,
         layer_norm_eps=config.layer_norm_eps, dtype=ref.dtype, device=ref.device,
     )
+    run_without_grad(backbone.embeddings)  # the embeddings are part of the early route
     backbone.encoder = SherlEncoder(layers, num_late=late_layers, side=side, checkpointing=checkpointing)
     return backbone
