@@ -518,8 +518,8 @@ def test_stsb_float_labels(tsv_root, tokenizer, tmp_path):
 
 
 def test_datamodule_config_errors(tokenizer, real_root, tmp_path):
-    with pytest.raises(ConfigError, match="data.protocol='lst'.*data.protocol=dev"):
-        GlueDataModule("rte", tokenizer, protocol="lst")
+    with pytest.raises(ConfigError, match="data.protocol='ladder'.*data.protocol=dev"):
+        GlueDataModule("rte", tokenizer, protocol="ladder")
     with pytest.raises(ConfigError, match="data.batch_size=0"):
         GlueDataModule("rte", tokenizer, batch_size=0)
     with pytest.raises(ConfigError, match="data.max_train_samples=-1"):

@@ -131,7 +131,8 @@ def test_bad_options(options, key):
 
 @pytest.mark.parametrize("k", [LAYERS, LAYERS + 3])
 def test_late_layers_must_leave_an_early_layer(k):
-    with pytest.raises(ConfigError, match=rf"method\.late_layers={k}: .* has {LAYERS} layers.*choose 1\.\.{LAYERS - 1}"):
+    pattern = rf"method\.late_layers={k}: .* has {LAYERS} layers.*choose 1\.\.{LAYERS - 1}"
+    with pytest.raises(ConfigError, match=pattern):
         tiny_model(late_layers=k)
 
 

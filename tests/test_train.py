@@ -172,3 +172,13 @@ def test_meft_with_the_reconstruction_monitor_through_the_cli(glue_root, tmp_pat
     assert res["params"]["trainable"] < res["params"]["total"] / 2
     csv_text = (out / "csv" / "metrics.csv").read_text()
     assert "meft/recon_err_max" in csv_text and "meft/recon_err/layer_0" in csv_text
+
+
+def test_ladder_side_tuning_protocol_scores_the_test_split(glue_root, tmp_path):
+    """protocol=lst: select on a split carved from the data, report the untouched test split."""
+    cfg = compose(["backbone=tiny_bert", "method=sherl", "task=glue/mrpc", f"data.root={glue_root}", *SMOKE,
+                   "data.protocol=lst", "data.max_eval_samples=null"], tmp_path)
+    res = run(cfg)
+    assert res["status"] == "completed"
+    assert set(res["test"]) == {"accuracy", "f1"} and set(res["metrics"]) == {"accuracy", "f1"}
+    assert read(tmp_path)["test"] == res["test"]

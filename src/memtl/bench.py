@@ -32,6 +32,8 @@ METHOD_SPECS = {
     "meft1": ("meft1", {}),
     "meft2": ("meft2", {}),
     "meft3": ("meft3", {}),
+    "sherl": ("sherl", {}),
+    "sherl+ckpt": ("sherl", {"gradient_checkpointing": True}),
 }
 DEFAULT_METHODS = ["full", "lora", "full+ckpt", "lora+ckpt"]
 

@@ -64,6 +64,10 @@ class GlueMetrics(nn.Module):
     def keys(self) -> tuple[str, ...]:
         return tuple(self.prefix + name for name in self.task.metrics)
 
+    @property
+    def update_called(self) -> bool:
+        return any(m.update_called for m in self.metrics.values())
+
     @torch.no_grad()
     def update(self, preds: torch.Tensor, labels: torch.Tensor) -> None:
         preds, labels = preds.detach(), labels.detach()

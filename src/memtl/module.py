@@ -27,6 +27,8 @@ class FineTuneModule(L.LightningModule):
         self.optim = dict(optim)
         self.run_config = config  # stored in checkpoints so they can be reloaded
         self.val_metrics = nn.ModuleList([GlueMetrics(task) for _ in task.eval_splits])
+        self.test_metrics = nn.ModuleList([GlueMetrics(task) for _ in task.eval_splits])
+        self.test_results: dict[str, float] | None = None  # the LST protocol's held-out test split
         self.strict_loading = False  # checkpoints hold only the trainable weights
         self.history: list[dict[str, float]] = []  # one entry per completed evaluation
         self.best: dict[str, Any] | None = None
@@ -43,13 +45,27 @@ class FineTuneModule(L.LightningModule):
         out = self.model(**batch)
         self.val_metrics[dataloader_idx].update(out.logits.detach(), batch["labels"])
 
-    def on_validation_epoch_end(self):
+    def test_step(self, batch, batch_idx, dataloader_idx=0):
+        out = self.model(**batch)
+        self.test_metrics[dataloader_idx].update(out.logits.detach(), batch["labels"])
+
+    def _compute(self, metric_list) -> dict[str, float]:
         values: dict[str, float] = {}
         # one metrics object per eval split; MNLI's mismatched keys carry the prefix "mm_"
-        for prefix, metrics in zip(self.task.eval_prefixes, self.val_metrics):
-            for name, value in metrics.compute().items():
-                values[prefix + name] = float(value)
+        for prefix, metrics in zip(self.task.eval_prefixes, metric_list):
+            if metrics.update_called:
+                for name, value in metrics.compute().items():
+                    values[prefix + name] = float(value)
             metrics.reset()
+        return values
+
+    def on_test_epoch_end(self):
+        self.test_results = self._compute(self.test_metrics)
+        for k, v in self.test_results.items():
+            self.log(f"test/{k}", v, sync_dist=True)
+
+    def on_validation_epoch_end(self):
+        values = self._compute(self.val_metrics)
         for k, v in values.items():  # torchmetrics already synced them: averaging equal values is a no-op
             self.log(f"val/{k}", v, prog_bar=k == self.main_metric, sync_dist=True)
         if self.trainer.sanity_checking:

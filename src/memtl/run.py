@@ -87,6 +87,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if not module.history and not trainer.interrupted:
             # stopped (max_steps) before any evaluation: evaluate the final weights once
             trainer.validate(module, datamodule=datamodule, verbose=False)
+        if d_protocol(cfg) == "lst" and not trainer.interrupted:
+            # LST protocol: the official dev set (or its second half) is the test set,
+            # scored once with the weights selected on the held-out validation split
+            best = getattr(trainer.checkpoint_callback, "best_model_path", None)
+            trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         results["status"] = "interrupted" if trainer.interrupted else "completed"
     except (KeyboardInterrupt, SystemExit) as e:
         results["status"] = "interrupted"
@@ -108,6 +113,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                   if k not in ("epoch", "step")}
             results["history"] = module.history
             results["best"] = module.best
+            if module.test_results is not None:
+                results["test"] = module.test_results
         if monitor is not None:
             results.update(monitor.summary())
         if trainer is not None:
@@ -117,6 +124,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             _log_summary(trainer, results)
         write_results(output_dir, results)
     return results
+
+
+def d_protocol(cfg: DictConfig) -> str:
+    return str(cfg.data.get("protocol", "dev"))
 
 
 def keep_previous_results(output_dir: str | None) -> None:
@@ -155,7 +166,7 @@ def build(cfg: DictConfig):
         task=task, tokenizer=tokenizer, root=d.root, max_length=d.max_length, batch_size=d.batch_size,
         eval_batch_size=d.eval_batch_size, max_train_samples=d.max_train_samples,
         max_eval_samples=d.max_eval_samples, group_by_length=d.group_by_length, num_workers=d.num_workers,
-        seed=cfg.seed, cache_dir=d.cache_dir, protocol=d.protocol,
+        seed=cfg.seed, cache_dir=d.cache_dir, protocol=d.protocol, split_seed=d.split_seed,
     )
     datamodule.prepare_data()  # missing or malformed data fails here, before the model is loaded
 

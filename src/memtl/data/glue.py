@@ -280,6 +280,15 @@ class TokenizedSplit(Dataset):
     def state(self) -> dict:
         return {"features": self.features, "offsets": self.offsets, "labels": self.labels}
 
+    def select(self, indices) -> "TokenizedSplit":
+        """The rows at `indices`, in that order (a copy)."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        starts, lengths = self.offsets[idx], self.offsets.diff()[idx]
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        # flat position of every kept token: its row's old start + its place in the row
+        pos = torch.repeat_interleave(starts - offsets[:-1], lengths) + torch.arange(int(offsets[-1]))
+        return TokenizedSplit({k: v[pos] for k, v in self.features.items()}, offsets, self.labels[idx])
+
 
 def tokenize_rows(rows, task: GlueTask, tokenizer, max_length: int, chunk: int = 8192) -> TokenizedSplit:
     # in chunks: python lists of token ids for a whole large task (QQP, MNLI) would take GBs
@@ -367,22 +376,54 @@ _CACHE_VERSION = 1  # bump when the stored format or the tokenization call chang
 
 
 # -----------------------------------------------------------------------------
+# evaluation protocols
+
+PROTOCOLS = ("dev", "lst")
+# Ladder Side-Tuning (Sung et al., 2022; also SHERL's GLUE protocol), from its
+# `seq2seq/data/tasks.py`: the tasks under 10k training examples split the official dev
+# set in half (validation / test); the others hold out 1k training examples as validation
+# and use the official dev set as test. Splits come from `torch.randperm` seeded with the
+# data seed (LST's `data_seed`, 42 by default, independent of the training seed).
+LST_SMALL_TASKS = ("cola", "mrpc", "stsb", "rte")
+LST_HOLDOUT = 1000
+
+
+# -----------------------------------------------------------------------------
 # the DataModule
 
 
 class GlueDataModule(L.LightningDataModule):
     """One GLUE task: train split + eval splits (`task.eval_splits` order = Lightning's
     dataloader_idx). max_train_samples / max_eval_samples keep the FIRST N rows of each
-    split (deterministic, file order) — for smoke tests and quick sweeps."""
+    split (deterministic, file order) — for smoke tests and quick sweeps.
+
+    `protocol` decides what the splits are:
+
+    - "dev": train on train; `val_dataloader()` (model selection) is the official dev
+      set(s); `test_dataloader()` returns the same dev set(s).
+    - "lst": the Ladder Side-Tuning / SHERL protocol. RTE, MRPC, STS-B, CoLA: train on
+      the whole train split; the official dev set, shuffled with `split_seed`, is cut in
+      half: first half = validation, second half = test. SST-2, QNLI, QQP: the train
+      split, shuffled with `split_seed`, gives its first 1000 rows to validation and the
+      rest to training; the official dev set is the test set. (MNLI, with two dev sets,
+      is not supported under "lst" yet.) `max_*_samples` then keep the first N rows of the
+      derived splits (in shuffled order). `lst_indices[split]` = (source split, row indices).
+
+    The LightningModule evaluates `val_dataloader()` during fit (model selection); the test
+    split is `test_dataloader()`, which Lightning's test stage (`trainer.test(module,
+    datamodule=dm)`, with a `test_step` in the module) evaluates and reports."""
 
     def __init__(self, task, tokenizer, root=None, max_length: int = 128, batch_size: int = 16,
                  eval_batch_size: int | None = None, max_train_samples: int | None = None,
                  max_eval_samples: int | None = None, group_by_length: bool = False,
-                 num_workers: int = 0, seed: int = 42, cache_dir=None, protocol: str = "dev"):
+                 num_workers: int = 0, seed: int = 42, cache_dir=None, protocol: str = "dev",
+                 split_seed: int = 42):
         super().__init__()
-        if protocol != "dev":
-            raise ConfigError(f"data.protocol={protocol!r} is not supported yet; set data.protocol=dev "
-                              "(train on train, evaluate on the official dev set)")
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"data.protocol={protocol!r} is unknown; set data.protocol=dev (select and report "
+                              "on the official dev set) or lst (Ladder Side-Tuning splits)")
+        if not isinstance(split_seed, int) or isinstance(split_seed, bool):
+            raise ConfigError(f"data.split_seed={split_seed!r} is invalid; set it to an integer (LST: 42)")
         for key, value, low in [("max_length", max_length, 1), ("batch_size", batch_size, 1),
                                 ("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0),
                                 ("max_train_samples", max_train_samples, 1), ("max_eval_samples", max_eval_samples, 1)]:
@@ -393,6 +434,10 @@ class GlueDataModule(L.LightningDataModule):
             raise ConfigError("the tokenizer has no pad token, needed for dynamic padding; set one "
                               "(e.g. tokenizer.pad_token = tokenizer.eos_token) when loading the backbone")
         self._task = get_task(task)
+        if protocol == "lst" and len(self._task.eval_splits) > 1:
+            raise ConfigError(f"data.protocol=lst does not support {self._task.name} yet (two dev sets, while "
+                              "the training module expects one validation loader per dev set); set data.protocol=dev")
+        self.protocol, self.split_seed = protocol, split_seed
         self.tokenizer, self.max_length = tokenizer, max_length
         self.root = _resolve_root(root)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -400,7 +445,8 @@ class GlueDataModule(L.LightningDataModule):
         self.group_by_length, self.num_workers, self.seed = group_by_length, num_workers, seed
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.collate = Collate(tokenizer)
-        self.train_set, self.eval_sets = None, None
+        self.train_set, self.eval_sets, self.test_sets = None, None, None
+        self.lst_indices: dict[str, tuple[str, list[int]]] = {}
         self.cache_hits = self.cache_misses = 0
         self._tok_fp = None
 
@@ -421,16 +467,49 @@ class GlueDataModule(L.LightningDataModule):
     def prepare_data(self):
         # Lightning runs this on one process per node: fill the cache before the ranks read it
         for split in ("train", *self._task.eval_splits):
-            self._load(split)
+            self._load(split, whole=self.protocol == "lst")
 
     def setup(self, stage: str | None = None):
+        if self.protocol == "lst":
+            if self.eval_sets is None:
+                self._setup_lst()
+            return
         if self.train_set is None and stage in (None, "fit"):
             self.train_set = self._load("train")
         if self.eval_sets is None:
             self.eval_sets = [self._load(s) for s in self._task.eval_splits]
+        self.test_sets = self.eval_sets  # "dev": the official dev set is what is reported
 
-    def _load(self, split: str) -> TokenizedSplit:
-        limit = self.max_train_samples if split == "train" else self.max_eval_samples
+    def _setup_lst(self):
+        task, n_val = self._task, LST_HOLDOUT
+        train = self._load("train", whole=True)
+        (dev_split,) = task.eval_splits
+        dev = self._load(dev_split, whole=True)
+        if task.name in LST_SMALL_TASKS:  # dev split in half
+            perm = torch.randperm(len(dev), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
+            half = len(dev) // 2
+            self.lst_indices = {"train": ("train", list(range(len(train)))),
+                                "validation": (dev_split, perm[:half]), "test": (dev_split, perm[half:])}
+        else:  # 1k of train held out for validation
+            if len(train) <= n_val:
+                raise ConfigError(f"data.protocol=lst holds out {n_val} training examples of {task.name} for "
+                                  f"validation, but its train split has only {len(train)}; set data.protocol=dev")
+            perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
+            self.lst_indices = {"train": ("train", perm[n_val:]), "validation": ("train", perm[:n_val]),
+                                "test": (dev_split, list(range(len(dev))))}
+        source = {"train": train, dev_split: dev}
+
+        def part(name, limit):
+            src, idx = self.lst_indices[name]
+            return source[src].select(idx[:limit])
+
+        self.train_set = part("train", self.max_train_samples)
+        self.eval_sets = [part("validation", self.max_eval_samples)]
+        self.test_sets = [part("test", self.max_eval_samples)]
+
+    def _load(self, split: str, whole: bool = False) -> TokenizedSplit:
+        """One source split, tokenized (cached); its first max_*_samples rows unless `whole`."""
+        limit = None if whole else self.max_train_samples if split == "train" else self.max_eval_samples
         source = _Source(self._task, split, self.root)
         if self._tok_fp is None:  # hashing the vocabulary costs ~0.2 s: once per data module
             self._tok_fp = tokenizer_fingerprint(self.tokenizer)
@@ -478,3 +557,9 @@ class GlueDataModule(L.LightningDataModule):
         if self.eval_sets is None:
             self.setup("validate")
         return [self._loader(ds, self.eval_batch_size, shuffle=False) for ds in self.eval_sets]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """The reported split(s): the official dev set(s) ("dev"), LST's test split ("lst")."""
+        if self.test_sets is None:
+            self.setup("test")
+        return [self._loader(ds, self.eval_batch_size, shuffle=False) for ds in self.test_sets]

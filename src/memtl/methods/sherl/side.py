@@ -20,7 +20,7 @@ EPS = 1e-6
 
 
 class LinearProjection(nn.Module):
-    """``Linear(d→d') + LayerNorm`` (the BERT/CLIP text-encoder variant)."""
+    """``Linear(d→d') + LayerNorm`` (the BERT text-encoder variant)."""
 
     def __init__(self, dim: int, side_dim: int, eps: float, **kw):
         super().__init__()
