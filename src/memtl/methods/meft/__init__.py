@@ -39,7 +39,8 @@ import torch
 import torch.nn as nn
 
 from memtl.errors import ConfigError
-from memtl.methods import head_parameter_names, register_method
+from memtl.methods import register_method
+from memtl.methods.bert_family import unfreeze_head
 from memtl.methods.meft.adapters import ACTIVATIONS, VARIANTS, Adapter
 from memtl.methods.meft.bert import MeftEncoder, install
 
@@ -109,10 +110,7 @@ def apply_meft(model: nn.Module, opts: MeftOptions, variant: str) -> nn.Module:
     for m in model.modules():  # ... except the adapters ...
         if isinstance(m, Adapter):
             m.requires_grad_(True)
-    for name in head_parameter_names(model):  # ... and the task head
-        model.get_submodule(name).requires_grad_(True)
-    if getattr(backbone, "pooler", None) is not None:  # bare BertModel: its pooler is the head
-        backbone.pooler.requires_grad_(True)
+    unfreeze_head(model, backbone)  # ... and the task head
     return model
 
 

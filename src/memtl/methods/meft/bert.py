@@ -18,10 +18,10 @@ import torch.nn as nn
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 from memtl.errors import ConfigError
+from memtl.methods.bert_family import encoder_layers
 from memtl.methods.meft.adapters import Adapter, MeftLayer, Variant
 from memtl.methods.meft.engine import reversible_stack
 
-SUPPORTED_MODEL_TYPES = ("bert", "roberta")
 
 
 class BertMeftLayer(MeftLayer):
@@ -83,45 +83,12 @@ class MeftEncoder(nn.Module):
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h)
 
 
-def find_backbone(model: nn.Module) -> nn.Module | None:
-    """The ``BertModel``/``RobertaModel`` inside ``model`` (or ``model`` itself)."""
-    if hasattr(model, "embeddings") and hasattr(model, "encoder"):
-        return model
-    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    if isinstance(base, nn.Module) and hasattr(base, "encoder"):
-        return base
-    return None
-
-
-def _looks_like_bert_layer(layer: nn.Module) -> bool:
-    return all(
-        hasattr(obj, attr)
-        for obj, attr in [
-            (layer, "attention"), (layer, "intermediate"), (layer, "output"),
-            (getattr(layer, "attention", None), "self"), (getattr(layer, "attention", None), "output"),
-        ]
-    )
-
-
 def install(model: nn.Module, variant: Variant, lam: float, beta: float, num_rev_layers: int | None,
             bottleneck: int, activation: str, dropout: float | None, adapter_layernorm: bool,
             stream_dtype: torch.dtype | None = None) -> nn.Module:
     """Swap the encoder of a BERT-family model for a MEFT encoder; returns the backbone."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    backbone = find_backbone(model)
-    if isinstance(getattr(backbone, "encoder", None), MeftEncoder):
-        raise ConfigError(f"method={variant.name}: {type(model).__name__} already has MEFT applied; "
-                          "apply a method once, to a fresh pre-trained model")
-    layers = getattr(getattr(backbone, "encoder", None), "layer", None)
-    if model_type not in SUPPORTED_MODEL_TYPES or layers is None or not all(map(_looks_like_bert_layer, layers)):
-        raise ConfigError(
-            f"method={variant.name}: model type {model_type!r} ({type(model).__name__}) is not supported; "
-            f"MEFT supports {', '.join(SUPPORTED_MODEL_TYPES)} (BERT-family encoders): choose such a backbone"
-        )
-    if config.is_decoder or getattr(config, "add_cross_attention", False):
-        raise ConfigError(f"method={variant.name}: {type(model).__name__} is configured as a decoder "
-                          "(is_decoder/add_cross_attention); MEFT supports BERT-family encoders only")
+    config = model.config
+    backbone, layers = encoder_layers(model, variant.name, "MEFT", MeftEncoder)
     n = len(layers)
     k = n if num_rev_layers is None else num_rev_layers
     if k > n:

@@ -58,7 +58,8 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from memtl.errors import ConfigError
-from memtl.methods import head_parameter_names, register_method
+from memtl.methods import register_method
+from memtl.methods.bert_family import unfreeze_head
 from memtl.methods.sherl.bert import SherlEncoder, install
 from memtl.methods.sherl.late import add_adapters, add_lora
 from memtl.methods.sherl.side import PROJECTIONS, AntiRedundancyFusion, SideModule
@@ -137,8 +138,5 @@ def apply_sherl(model: nn.Module, opts: SherlOptions) -> nn.Module:
             new = []
         for m in new:
             m.requires_grad_(True)
-    for name in head_parameter_names(model):  # ... and the task head
-        model.get_submodule(name).requires_grad_(True)
-    if getattr(backbone, "pooler", None) is not None:  # bare BertModel: its pooler is the head
-        backbone.pooler.requires_grad_(True)
+    unfreeze_head(model, backbone)  # ... and the task head
     return model

@@ -18,10 +18,9 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 from memtl.errors import ConfigError
-from memtl.methods.meft.bert import find_backbone
+from memtl.methods.bert_family import encoder_layers
 from memtl.methods.sherl.side import SideModule
 
-SUPPORTED_MODEL_TYPES = ("bert", "roberta")
 
 
 class SherlEncoder(nn.Module):
@@ -104,29 +103,11 @@ def run_without_grad(module: nn.Module) -> None:
     module.register_forward_hook(_no_grad_exit, always_call=True)
 
 
-def _looks_like_bert_layer(layer: nn.Module) -> bool:
-    attn = getattr(layer, "attention", None)
-    return (all(hasattr(layer, a) for a in ("attention", "intermediate", "output"))
-            and hasattr(attn, "self") and hasattr(attn, "output"))
-
-
 def install(model: nn.Module, late_layers: int, side_width: int | None, projection: str, dropout: float | None,
             temperature: float, checkpointing: bool) -> nn.Module:
     """Swap the encoder of a BERT-family model for a SHERL encoder; returns the backbone."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    backbone = find_backbone(model)
-    if isinstance(getattr(backbone, "encoder", None), SherlEncoder):
-        raise ConfigError(f"method=sherl: {type(model).__name__} already has SHERL applied; "
-                          "apply a method once, to a fresh pre-trained model")
-    layers = getattr(getattr(backbone, "encoder", None), "layer", None)
-    if model_type not in SUPPORTED_MODEL_TYPES or layers is None or not all(map(_looks_like_bert_layer, layers)):
-        raise ConfigError(f"method=sherl: model type {model_type!r} ({type(model).__name__}) is not supported; "
-                          f"SHERL supports {', '.join(SUPPORTED_MODEL_TYPES)} (BERT-family encoders): "
-                          "choose such a backbone")
-    if config.is_decoder or getattr(config, "add_cross_attention", False):
-        raise ConfigError(f"method=sherl: {type(model).__name__} is configured as a decoder "
-                          "(is_decoder/add_cross_attention); SHERL supports BERT-family encoders only")
+    config = model.config
+    backbone, layers = encoder_layers(model, "sherl", "SHERL", SherlEncoder)
     n = len(layers)
     if late_layers >= n:
         raise ConfigError(f"method.late_layers={late_layers}: {type(model).__name__} has {n} layers and SHERL "
