@@ -18,9 +18,9 @@ from transformers import (
     BertModel,
     GPT2Config,
     GPT2Model,
-    RobertaConfig,
-    RobertaForSequenceClassification,
 )
+
+from conftest import tiny_hf_model
 
 from memtl.errors import ConfigError
 from memtl.methods import apply_method, available_methods, count_parameters
@@ -41,17 +41,7 @@ HIDDEN, BOTTLENECK, LAYERS, LABELS = 32, 8, 4, 3
 
 
 def tiny_model(arch="bert", variant="meft2", layers=LAYERS, dropout=0.0, dtype=torch.float64, seed=0, **opts):
-    cfg_cls, model_cls = {
-        "bert": (BertConfig, BertForSequenceClassification),
-        "roberta": (RobertaConfig, RobertaForSequenceClassification),
-    }[arch]
-    config = cfg_cls(
-        vocab_size=100, hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64, num_labels=LABELS,
-        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-    )
-    torch.manual_seed(seed)
-    model = model_cls(config).to(dtype)
+    model = tiny_hf_model(arch, layers, HIDDEN, LABELS, dropout, dtype, seed)
     return apply_method(model, variant, **opts)
 
 

@@ -3,7 +3,7 @@ import copy
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+from conftest import tiny_hf_model
 
 import memtl
 from memtl.errors import ConfigError
@@ -13,13 +13,7 @@ H, L, FF = 32, 2, 64
 
 
 def tiny(kind="bert", num_labels=2, dropout=0.0):
-    torch.manual_seed(0)
-    cfg_cls, model_cls = {"bert": (BertConfig, BertForSequenceClassification),
-                          "roberta": (RobertaConfig, RobertaForSequenceClassification)}[kind]
-    cfg = cfg_cls(vocab_size=100, hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=FF,
-                  max_position_embeddings=64, num_labels=num_labels, hidden_dropout_prob=dropout,
-                  attention_probs_dropout_prob=dropout, pad_token_id=0)
-    return model_cls(cfg)
+    return tiny_hf_model(kind, layers=L, hidden=H, num_labels=num_labels, dropout=dropout, pad_token_id=0)
 
 
 def batch(n=4, t=12):

@@ -19,9 +19,9 @@ from transformers import (
     BertModel,
     GPT2Config,
     GPT2Model,
-    RobertaConfig,
-    RobertaForSequenceClassification,
 )
+
+from conftest import tiny_hf_model
 
 from memtl.errors import ConfigError
 from memtl.methods import apply_method, available_methods, count_parameters, method_options
@@ -36,17 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_model(arch="bert", layers=LAYERS, dropout=0.0, dtype=torch.float32, seed=0, bare=False, **opts):
-    cfg_cls, model_cls = {
-        "bert": (BertConfig, BertModel if bare else BertForSequenceClassification),
-        "roberta": (RobertaConfig, RobertaForSequenceClassification),
-    }[arch]
-    config = cfg_cls(
-        vocab_size=100, hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64, num_labels=LABELS,
-        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-    )
-    torch.manual_seed(seed)
-    model = model_cls(config).to(dtype)
+    model = tiny_hf_model(arch, layers, HIDDEN, LABELS, dropout, dtype, seed, bare=bare)
     return apply_method(model, "sherl", **opts)
 
 
