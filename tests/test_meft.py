@@ -378,3 +378,17 @@ def test_minilm_starting_point():
         # stream (DESIGN §1.2), so it is ~0.8 here; the PLM-carrying stream stays close to 1.
         assert averaged > 0.7
         assert best_stream > (0.95 if variant != "meft3" else 0.9)
+
+
+def test_recon_command_prints_a_table(capsys, tmp_path):
+    import json
+
+    from memtl.methods.meft.diagnostics import main
+
+    out = tmp_path / "recon.json"
+    assert main(["--variants", "meft2", "--layers", "2", "--precisions", "32", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["variant"], r["layers"], r["precision"]) for r in rows] == [("meft2", 2, "32")]
+    assert 0 <= rows[0]["top_rel"] and rows[0]["bottom_rel"] <= rows[0]["worst_rel"]
+    assert "bottom layer" in capsys.readouterr().out
+    assert main(["--variants", "meft9"]) == 2

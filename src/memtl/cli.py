@@ -1,12 +1,13 @@
 """``memtl <command>``: the tools around training (training itself is ``python train.py``).
 
     memtl bench [--geometry ...]     side-by-side memory/speed benchmark (python -m memtl.bench)
+    memtl recon [--layers 6,12,24]   MEFT reconstruction error vs depth and precision
 """
 from __future__ import annotations
 
 import sys
 
-COMMANDS = {"bench": "memtl.bench"}
+COMMANDS = {"bench": "memtl.bench", "recon": "memtl.methods.meft.diagnostics"}
 
 
 def main(argv: list[str] | None = None) -> int:
