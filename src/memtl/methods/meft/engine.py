@@ -155,8 +155,13 @@ class _ReversibleStack(torch.autograd.Function):
         do1 = torch.zeros_like(o1) if do1 is None else do1
         do2 = torch.zeros_like(o2) if do2 is None else do2
 
+        # the bottom layer's input grads are wasted work when the stack's inputs need none
+        # (frozen embeddings): skipping them spares F's backward below its first adapter
+        inputs_need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        bottom = ctx.layers[0]
         for layer, (rng_f, rng_g) in zip(reversed(ctx.layers), reversed(ctx.rng)):
             y1, y2, dy1, dy2 = (o2, o1, do2, do1) if layer.switch else (o1, o2, do1, do2)
+            need_dx = inputs_need_grad or layer is not bottom
             # the parameters that were trainable at forward time (the Function's inputs)
             params = [p for p in layer.parameters() if id(p) in ctx.param_index]
 
@@ -172,10 +177,13 @@ class _ReversibleStack(torch.autograd.Function):
             del g
 
             # 3. recompute f = F(x2) with grad; backprop dy1 into F's params and x2
-            x2_in = _cast(x2, cdt).detach().requires_grad_(True)
+            x2_in = _cast(x2, cdt).detach().requires_grad_(need_dx)
             with torch.enable_grad(), ctx.autocast.replayed(), rng_f.restored():
                 f = layer.f(x2_in, *ctx.context)
-            gx2, *f_grads = torch.autograd.grad(f, [x2_in, *params], dy1.to(f.dtype), allow_unused=True)
+            wrt = [x2_in, *params] if need_dx else params
+            f_grads = (list(torch.autograd.grad(f, wrt, dy1.to(f.dtype), allow_unused=True))
+                       if f.requires_grad else [None] * len(wrt))
+            gx2 = f_grads.pop(0) if need_dx else None
             # 4. reconstruct x1
             with torch.no_grad():
                 x1 = (y1 - f) / layer.lam
