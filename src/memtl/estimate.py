@@ -315,7 +315,9 @@ def backward(mem: Mem, ops: list[Op], grads: dict, scope: tuple = ()) -> None:
                 old = grads.get(t)
                 if old is None:
                     grads[t] = new
-                else:  # accumulate out of place: the sum, then drop both parts
+                elif old.refs == 1 and new is not g:  # autograd adds in place into a buffer it owns
+                    _unref(mem, new)
+                else:  # shared buffer: the sum is a new tensor
                     acc = G(t.nbytes)
                     mem.alloc(acc.nbytes)
                     _unref(mem, old)
@@ -351,6 +353,10 @@ class Net:
     def new(self, numel: int, bpe: int, rg: bool = False) -> T:
         return T(numel, bpe, rg)
 
+    def keepalive(self, *ts: T) -> None:
+        """Python references keep ``ts`` alive up to here (no autograd op)."""
+        self._op(ts, T(0, 1))
+
     # elementwise ----------------------------------------------------------------------
     def cast(self, x: T, bpe: int) -> T:
         if x.bpe == bpe:
@@ -360,8 +366,10 @@ class Net:
     def scale(self, x: T) -> T:  # x * python scalar: a new tensor, nothing saved
         return self._op([x], T(x.numel, x.bpe, x.rg), grad_ins=[x] if x.rg else [])
 
-    def copy(self, x: T) -> T:  # .contiguous() / reshape of a transposed view
-        return self._op([x], T(x.numel, x.bpe, x.rg), grad_ins=[x] if x.rg else [], passthrough=True)
+    def copy(self, x: T, grad_copies: bool = False) -> T:
+        """A contiguous copy (reshape of a transposed view); its backward hands the grad on
+        as a view, or (``grad_copies``) copies it back into the source's layout."""
+        return self._op([x], T(x.numel, x.bpe, x.rg), grad_ins=[x] if x.rg else [], passthrough=not grad_copies)
 
     def add(self, a: T, b: T) -> T:
         rg = [t for t in (a, b) if t.rg]
@@ -381,8 +389,11 @@ class Net:
         return self._op([x], out, saves=saves, grad_ins=[x] if x.rg else [])
 
     # layers ---------------------------------------------------------------------------
-    def linear(self, x: T, d_in: int, d_out: int, train: bool, bias: bool = True, src: T | None = None) -> T:
-        """``src``: the storage autograd keeps when x is a view of it (the pooler's first token)."""
+    def linear(self, x: T, d_in: int, d_out: int, train: bool, bias: bool = True, src: T | None = None,
+               heads: bool = False) -> T:
+        """``src``: the storage autograd keeps when x is a view of it (the pooler's first token).
+        ``heads``: the output is split into heads (q, k, v): its grad arrives in the heads'
+        layout and is copied back to a contiguous (rows, d_out) one in backward."""
         if self.amp:
             x = self.cast(x, 2)
         rows = x.numel // d_in
@@ -391,9 +402,10 @@ class Net:
         saves = [src or x] if train else []
         if x.rg and wcast is not None:
             saves.append(wcast)  # needed for the input's gradient
-        return self._op([x], T(rows * d_out, x.bpe, x.rg or train), saves=saves,
+        return self._op([x] + ([src] if src else []), T(rows * d_out, x.bpe, x.rg or train), saves=saves,
                         temps=[wcast] if wcast is not None else [], grad_ins=[x] if x.rg else [],
-                        param_grad=4 * w if train else 0, bwd_temp=2 * w if (train and self.amp) else 0)
+                        param_grad=4 * w if train else 0,
+                        bwd_temp=(2 * w if (train and self.amp) else 0) + (rows * d_out * x.bpe if heads else 0))
 
     def layernorm(self, x: T, d: int, train: bool) -> T:
         x = self.cast(x, 4) if self.amp else x  # autocast runs layer_norm in fp32
@@ -420,7 +432,8 @@ class Net:
             q, k, v = self.cast(q, 4), self.cast(k, 4), self.cast(v, 4)
         # math path: q, k each scaled by sqrt(scale) then made contiguous for bmm; v made contiguous
         q2, k2, v2 = self.copy(self.scale(q)), self.copy(self.scale(k)), self.copy(v)
-        p = self.act(self.matmul(q2, k2, scores), keeps="output")  # safe softmax of the scores
+        p = self.act(self.matmul(q2, k2, scores), keeps="output")
+        self.ops[-1].temps.append(T(scores, 1))  # _safe_softmax's bool mask of fully masked rows
         return self.matmul(self.dropout(p), v2, q.numel)
 
     def lora_linear(self, x: T, d: int, r: int) -> T:
@@ -437,11 +450,14 @@ class Net:
     def attention_block(self, x: T, g: Geometry, B: int, S: int, train: bool, lora_r: int = 0,
                         adapter_r: int = 0) -> T:
         d, H = g.hidden, g.heads
-        proj = (lambda t: self.lora_linear(t, d, lora_r)) if lora_r else (lambda t: self.linear(t, d, d, train))
+        proj = (lambda t: self.lora_linear(t, d, lora_r)) if lora_r else (lambda t: self.linear(t, d, d, train,
+                                                                                                   heads=True))
         q = proj(x)
-        k = self.linear(x, d, d, train)
+        k = self.linear(x, d, d, train, heads=True)
         v = proj(x)
-        ctx = self.copy(self.attention(q, k, v, B, H, S))  # (B,H,S,dh) -> (B,S,d)
+        ctx = self.attention(q, k, v, B, H, S)
+        self.keepalive(q, k, v)  # the attention module's locals hold them until it returns
+        ctx = self.copy(ctx, grad_copies=True)  # (B,H,S,dh) -> (B,S,d)
         h = self.dropout(self.linear(ctx, d, d, train))
         if adapter_r:  # MEFT3: sequential adapter on the attention output projection
             h = self.add(h, self.adapter(h, d, adapter_r))
@@ -607,16 +623,18 @@ def _simulate_meft(g: Geometry, m: Method, B: int, S: int, amp: bool, cuda: bool
     o1, o2 = x1, x2
     o1.refs += 1
     o2.refs += 1
+    gy1 = gx2 = None  # the engine's locals keep the previous layer's until rebound
     for i in range(g.layers):
         y1, y2, dy1, dy2 = (o2, o1, do2, do1) if variant != "meft3" else (o1, o2, do1, do2)
         # 1. G(y1) with grad, backprop dy2
         ops, gy = run(g_kind, _requires_grad(y1), grad=True)
         gr = {gy: G(dy2.nbytes, refs=2)}
         backward(mem, ops, gr)
+        if gy1 is not None:
+            _unref(mem, gy1)
         gy1 = gr.pop(y1, None)
         if gy1 is not None:  # dy1 = dy1 + gy1
             ndy1 = new()
-            _unref(mem, gy1)
             _unref(mem, dy1)
             dy1 = ndy1
         # 2. x2 = (y2 - g) / beta
@@ -628,6 +646,8 @@ def _simulate_meft(g: Geometry, m: Method, B: int, S: int, amp: bool, cuda: bool
         ops, f = run(f_kind, _requires_grad(x2), grad=True)
         gr = {f: G(dy1.nbytes, refs=2)}
         backward(mem, ops, gr)
+        if gx2 is not None:
+            _unref(mem, gx2)
         gx2 = gr.pop(x2, None)
         # 4. x1 = (y1 - f) / lam
         tmp = new()
@@ -639,8 +659,6 @@ def _simulate_meft(g: Geometry, m: Method, B: int, S: int, amp: bool, cuda: bool
         tmp = new()
         dx2 = new()
         _unref(mem, tmp)
-        if gx2 is not None:
-            _unref(mem, gx2)
         for t in (o1, o2, dy1, dy2):
             _unref(mem, t)
         o1, o2, do1, do2 = x1, x2, dx1, dx2
