@@ -461,22 +461,30 @@ class Net:
         h = self.dropout(self.linear(ctx, d, d, train))
         if adapter_r:  # MEFT3: sequential adapter on the attention output projection
             h = self.add(h, self.adapter(h, d, adapter_r))
-        return self.layernorm(self.add(h, x), d, train)
+        out = self.layernorm(self.add(h, x), d, train)
+        self.keepalive(h, ctx)  # locals of the calling frames until the block returns
+        return out
 
-    def ffn_block(self, h: T, g: Geometry, train: bool, adapter_r: int = 0) -> T:
+    def ffn_block(self, h: T, g: Geometry, train: bool, adapter_r: int = 0, hf: bool = True) -> T:
+        """``hf``: Hugging Face's BertLayer, whose frame holds the intermediate activation
+        until the block returns (memtl's MEFT block drops it after the output dense)."""
         d = g.hidden
-        z = self.dropout(self.linear(self.act(self.linear(h, d, g.intermediate, train), "input"),
-                                     g.intermediate, d, train))
+        inter = self.act(self.linear(h, d, g.intermediate, train), "input")
+        z = self.dropout(self.linear(inter, g.intermediate, d, train))
         if adapter_r:  # MEFT: parallel adapter on the feed-forward block
             z = self.add(z, self.adapter(h, d, adapter_r))
-        return self.layernorm(self.add(z, h), d, train)
+        out = self.layernorm(self.add(z, h), d, train)
+        self.keepalive(z, inter) if hf else self.keepalive(z)
+        return out
 
     def bert_layer(self, x: T, g: Geometry, B: int, S: int, train: bool, lora_r: int = 0) -> T:
         return self.ffn_block(self.attention_block(x, g, B, S, train, lora_r), g, train)
 
-    def embeddings(self, g: Geometry, B: int, S: int, train: bool) -> T:
+    def embeddings(self, g: Geometry, B: int, S: int, train: bool, input_grads: bool = False) -> T:
+        """``input_grads``: the word embeddings' output requires grad although they are frozen
+        (peft's ``enable_input_require_grads`` under gradient checkpointing)."""
         n = B * S * g.hidden
-        word = self._op([], T(n, 4, train), param_grad=4 * g.vocab * g.hidden if train else 0)
+        word = self._op([], T(n, 4, train or input_grads), param_grad=4 * g.vocab * g.hidden if train else 0)
         typ = self._op([], T(n, 4, train), param_grad=4 * g.type_vocab * g.hidden if train else 0)
         pos = self._op([], T(S * g.hidden, 4, train), param_grad=4 * g.max_positions * g.hidden if train else 0)
         h = self.add(self.add(word, typ), pos)
@@ -501,7 +509,7 @@ def simulate(g: Geometry, m: Method, B: int, S: int, amp: bool = False, cuda: bo
         return _simulate_meft(g, m, B, S, amp, cuda)
     net = Net(amp, cuda)
     train = m.name == "full"
-    h = net.embeddings(g, B, S, train)
+    h = net.embeddings(g, B, S, train, input_grads=m.name == "lora" and m.ckpt)
     if m.name == "sherl":
         h = _sherl_encoder(net, g, m, h, B, S)
     else:
@@ -557,13 +565,13 @@ def _simulate_meft(g: Geometry, m: Method, B: int, S: int, amp: bool, cuda: bool
     def block(which: str, x: T) -> tuple[list[Op], T]:
         net = Net(amp, cuda)
         if which == "layer":  # the whole pre-trained layer with its FFN adapter
-            y = net.ffn_block(net.attention_block(x, g, B, S, train=False), g, train=False, adapter_r=r)
+            y = net.ffn_block(net.attention_block(x, g, B, S, train=False), g, train=False, adapter_r=r, hf=False)
         elif which == "adapter":
             y = net.adapter(x, d, r)
         elif which == "attn":
             y = net.attention_block(x, g, B, S, train=False, adapter_r=r)
         else:
-            y = net.ffn_block(x, g, train=False, adapter_r=r)
+            y = net.ffn_block(x, g, train=False, adapter_r=r, hf=False)
         return net.ops, y
 
     f_kind, g_kind = {"meft1": ("layer", "adapter"), "meft2": ("adapter", "layer"), "meft3": ("attn", "ffn")}[variant]
