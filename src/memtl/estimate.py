@@ -93,7 +93,7 @@ KNOWN_CONFIGS = {
                           model_type="roberta"),
     "roberta-large": _bert(1024, 24, 16, 4096, vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
                            model_type="roberta"),
-    "minilm": _bert(384, 6, 12, 1536),  # all-MiniLM-L6-v2 (its package's config.json when installed)
+    "minilm": _bert(384, 6, 12, 1536),  # sentence-transformers/all-MiniLM-L6-v2
 }
 ALIASES = {"bert-base": "bert-base-uncased", "bert_base": "bert-base-uncased", "bert-large": "bert-large-uncased",
            "roberta_base": "roberta-base", "roberta_large": "roberta-large"}
@@ -106,9 +106,7 @@ def load_geometry(backbone: str, layers: int | None = None) -> Geometry:
 
     name = ALIASES.get(backbone, backbone)
     if backbone in GEOMETRIES:  # the benchmark's random geometries (BertConfig defaults otherwise)
-        cfg = _bert(**{k.removesuffix("_size").replace("num_hidden_layers", "l").replace("num_attention_heads",
-                       "heads").replace("hidden", "h").replace("intermediate", "i"): v
-                       for k, v in GEOMETRIES[backbone].items()})
+        cfg = dict(GEOMETRIES[backbone])
     elif name in KNOWN_CONFIGS:
         cfg = KNOWN_CONFIGS[name]
     elif os.path.exists(backbone):
@@ -676,3 +674,172 @@ def _simulate_meft(g: Geometry, m: Method, B: int, S: int, amp: bool, cuda: bool
 def _requires_grad(t: T) -> T:
     t.rg = True
     return t
+
+
+# ---------------------------------------------------------------------------------------
+# public API
+
+
+def estimate(g: Geometry, method: str, batch_size: int, seq_len: int, precision: str = "32",
+             device: str = "cuda") -> dict:
+    """Predicted memory of one training step (bytes) and what a GPU must hold in total."""
+    m = METHODS[method]
+    counts = parameter_counts(g, m)
+    peak = simulate(g, m, batch_size, seq_len, amp=precision == "bf16-mixed", cuda=device == "cuda")
+    params, grads, adamw = 4 * counts["total"], 4 * counts["trainable"], 8 * counts["trainable"]
+    opt_step = grads + 4 * counts["trainable"]  # gradients + one temporary of the foreach update
+    return {
+        "method": method, "backbone": g.name, "layers": g.layers, "hidden": g.hidden,
+        "batch_size": batch_size, "seq_len": seq_len, "precision": precision, "device": device,
+        "trainable_params": counts["trainable"], "total_params": counts["total"],
+        "param_bytes": params, "grad_bytes": grads, "optimizer_bytes": adamw,
+        "peak_step_bytes": peak, "total_bytes": params + adamw + max(peak, opt_step),
+    }
+
+
+def parse_size(text: str) -> int:
+    """'24GB', '24 GB', '80G', '512MiB', '1.5TB' -> bytes (a bare number means GB)."""
+    units = {"": GB, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": GB, "gb": GB, "t": 10**12,
+             "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text or "")
+    if not match or match.group(2).lower() not in units or float(match.group(1)) <= 0:
+        raise ConfigError(f"--budget {text!r}: give a size such as 24GB, 80GiB or 512MiB")
+    return int(float(match.group(1)) * units[match.group(2).lower()])
+
+
+# ---------------------------------------------------------------------------------------
+# validation against the benchmark
+
+VALIDATE_GEOMETRIES = ["tiny", "minilm-random"]
+VALIDATE_SHAPES = ["8x64", "16x128"]
+
+
+def validate(geometries: list[str], shapes: list[tuple[int, int]], methods: list[str], precision: str) -> list[dict]:
+    """Run ``memtl bench`` (CPU) on each configuration and put the prediction beside it."""
+    import torch
+
+    from memtl.bench import bench_method
+
+    rows = []
+    for geo in geometries:
+        g = load_geometry(geo)
+        for B, S in shapes:
+            for method in methods:
+                print(f"[validate] {method} {geo} {B}x{S} {precision} ...", file=sys.stderr, flush=True)
+                measured = bench_method(method, geo, None, B, S, 1, torch.device("cpu"), precision, 0)
+                predicted = simulate(g, METHODS[method], B, S, amp=precision == "bf16-mixed", cuda=False) / MIB
+                rows.append({"geometry": geo, "batch_size": B, "seq_len": S, "precision": precision,
+                             "method": method, "measured_mib": measured["peak_step_mib"], "predicted_mib": predicted,
+                             "error": predicted / measured["peak_step_mib"] - 1})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# command line
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="memtl estimate", description=__doc__.split("\n")[0])
+    p.add_argument("--backbone", default="minilm",
+                   help="minilm, bert-base(-uncased), bert-large-uncased, roberta-base, roberta-large, a bench "
+                        "geometry (tiny, minilm-random), a path to a config.json, or a hub id in the local cache")
+    p.add_argument("--layers", type=int, default=None, help="override the number of layers")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--precision", default="32", choices=["32", "bf16-mixed"])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="whose kernels to model (cuda: fused attention, 1-byte dropout masks); default cuda")
+    p.add_argument("--budget", default=None, help="memory to fit in, e.g. 24GB, 80GiB")
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
+    p.add_argument("--validate", action="store_true",
+                   help="run memtl bench (CPU) on small configurations and compare with the predictions")
+    p.add_argument("--geometries", default=",".join(VALIDATE_GEOMETRIES), help="--validate: bench geometries")
+    p.add_argument("--shapes", default=",".join(VALIDATE_SHAPES), help="--validate: BxT list, e.g. 8x64,16x128")
+    p.add_argument("--tolerance", type=float, default=0.15, help="--validate: exit 1 if any |error| is above")
+    return p.parse_args(argv)
+
+
+def _check(args) -> tuple[list[str], list[tuple[int, int]]]:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"unknown method {', '.join(unknown) or '(none)'} in --methods: "
+                          f"choose from {', '.join(METHODS)}")
+    for bad, what in ((args.batch_size < 1, "--batch-size"), (args.seq_len < 1, "--seq-len"),
+                      (args.layers is not None and args.layers < 1, "--layers")):
+        if bad:
+            raise ConfigError(f"{what} must be >= 1")
+    shapes = []
+    for s in args.shapes.split(","):
+        match = re.fullmatch(r"\s*(\d+)x(\d+)\s*", s)
+        if not match or min(map(int, match.groups())) < 1:
+            raise ConfigError(f"--shapes {args.shapes!r}: give BxT pairs such as 8x64,16x128")
+        shapes.append((int(match.group(1)), int(match.group(2))))
+    return methods, shapes
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        methods, shapes = _check(args)
+        if args.validate:
+            from memtl.bench import GEOMETRIES
+
+            geos = [x.strip() for x in args.geometries.split(",") if x.strip()]
+            bad = [x for x in geos if x not in GEOMETRIES]
+            if bad or not geos:
+                raise ConfigError(f"--geometries: unknown {', '.join(bad) or '(none)'}; "
+                                  f"choose from {', '.join(GEOMETRIES)}")
+            return _main_validate(geos, shapes, methods, args)
+        g = load_geometry(args.backbone, args.layers)
+        budget = parse_size(args.budget) if args.budget is not None else None
+        positions = g.max_positions - (2 if g.model_type == "roberta" else 0)
+        if args.seq_len > positions:
+            raise ConfigError(f"--seq-len {args.seq_len}: {args.backbone} has {positions} positions")
+        if any(m.startswith("sherl") for m in methods) and g.layers < 2:
+            raise ConfigError(f"--methods sherl: SHERL needs at least 2 layers ({args.backbone} has {g.layers})")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = [estimate(g, m, args.batch_size, args.seq_len, args.precision, args.device) for m in methods]
+    for r in rows:
+        r["fits"] = None if budget is None else r["total_bytes"] <= budget
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    mib = lambda n: f"{n / MIB:,.0f}"  # noqa: E731
+    print(f"{g.name}: {g.layers} layers, hidden {g.hidden}, {g.heads} heads, FFN {g.intermediate}; "
+          f"batch {args.batch_size} x {args.seq_len}, precision {args.precision}, {args.device} kernels")
+    header = ["method", "trainable", "params MiB", "AdamW MiB", "step peak MiB", "total MiB", "total GB", "fits"]
+    body = [[r["method"], f"{r['trainable_params']:,}", mib(r["param_bytes"]), mib(r["optimizer_bytes"]),
+             mib(r["peak_step_bytes"]), mib(r["total_bytes"]), f"{r['total_bytes'] / GB:.2f}",
+             "-" if r["fits"] is None else ("yes" if r["fits"] else "no")] for r in rows]
+    print(format_table(header, body))
+    print("step peak: activations + gradients during forward + backward, above the pre-step baseline "
+          "(what memtl bench measures); total: params + AdamW state + the larger of the step peak and the "
+          "optimizer step" + (f"; budget {budget / GB:g} GB (CUDA context not included)" if budget else ""))
+    return 0
+
+
+def _main_validate(geos, shapes, methods, args) -> int:
+    rows = validate(geos, shapes, methods, args.precision)
+    body = [[r["geometry"], f"{r['batch_size']}x{r['seq_len']}", r["precision"], r["method"],
+             f"{r['measured_mib']:.2f}", f"{r['predicted_mib']:.2f}", f"{100 * r['error']:+.1f}%"] for r in rows]
+    print(format_table(["geometry", "BxT", "precision", "method", "measured MiB", "predicted MiB", "error"], body))
+    worst = max(abs(r["error"]) for r in rows)
+    print(f"max |error| {100 * worst:.1f}% over {len(rows)} configurations (tolerance {100 * args.tolerance:g}%)")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 0 if worst <= args.tolerance else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
