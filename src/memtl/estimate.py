@@ -518,6 +518,7 @@ def simulate(g: Geometry, m: Method, B: int, S: int, amp: bool = False, cuda: bo
     loss = net.head(h, g, B)
     mem = Mem()
     forward(mem, net.ops, keep=[loss])
+    mem.alloc(loss.nbytes)  # the seed gradient
     backward(mem, net.ops, {loss: G(loss.nbytes)})
     return mem.peak
 
