@@ -2,12 +2,13 @@
 
     memtl bench [--geometry ...]     side-by-side memory/speed benchmark (python -m memtl.bench)
     memtl recon [--layers 6,12,24]   MEFT reconstruction error vs depth and precision
+    memtl estimate [--backbone ...]  predicted peak memory per method, and whether it fits a budget
 """
 from __future__ import annotations
 
 import sys
 
-COMMANDS = {"bench": "memtl.bench", "recon": "memtl.methods.meft.diagnostics"}
+COMMANDS = {"bench": "memtl.bench", "recon": "memtl.methods.meft.diagnostics", "estimate": "memtl.estimate"}
 
 
 def main(argv: list[str] | None = None) -> int:
