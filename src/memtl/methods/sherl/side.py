@@ -138,8 +138,12 @@ class AntiRedundancyFusion(nn.Module):
     def forward(self, shallow: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
         """``shallow`` (..., L, d'), ``deep`` (..., d') -> ``u`` (..., d')."""
         lead, (L, d) = deep.shape[:-1], shallow.shape[-2:]
-        u = _FusionFunction.apply(shallow.reshape(-1, L, d), deep.reshape(-1, d), self.score.weight[0],
-                                  self.score.bias)
+        # one dtype throughout, autocast off: the hand-written backward runs outside the
+        # caller's autocast and would otherwise meet bf16 and fp32 tensors in one bmm
+        dt = shallow.dtype
+        with torch.autocast(shallow.device.type, enabled=False):
+            u = _FusionFunction.apply(shallow.reshape(-1, L, d), deep.reshape(-1, d).to(dt),
+                                      self.score.weight[0].to(dt), self.score.bias.to(dt))
         return u.reshape(*lead, d)
 
 
