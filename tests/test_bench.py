@@ -27,12 +27,30 @@ def test_bench_table_contract(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "peak/full" in table and "meft2" in table
     assert (tmp_path / "bench.csv").read_text().count("\n") == len(rows) + 1
+    assert (tmp_path / "memory_vs_layers.png").stat().st_size > 0 and (tmp_path / "step_time.png").exists()
+    assert not (tmp_path / "memory_vs_seq_len.png").exists()  # only varied axes are plotted
+
+
+def test_bench_grid_of_lengths_and_batches(tmp_path):
+    rc = main(["--geometry", "tiny", "--methods", "meft3", "--batch-size", "1,2", "--seq-len", "8,32", "--steps", "1",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert {(r["method"], r["batch_size"], r["seq_len"]) for r in rows} == {
+        (m, b, t) for m in ("full", "meft3") for b in (1, 2) for t in (8, 32)}
+    peak = {(r["method"], r["batch_size"], r["seq_len"]): r["peak_step_mib"] for r in rows}
+    assert peak[("full", 2, 32)] > peak[("full", 1, 8)]  # activations grow with the batch
+    assert all(r["cpu_time_s"] > 0 and r["cpu_time_ratio"] is not None for r in rows)
+    assert (tmp_path / "memory_vs_seq_len.png").exists() and (tmp_path / "memory_vs_batch_size.png").exists()
 
 
 @pytest.mark.parametrize("args,needle", [
     (["--methods", "full,nope"], "unknown method nope"),
     (["--geometry", "minilm", "--layers", "6,12"], "--layers needs a random geometry"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--seq-len", "64,x"], "--seq-len takes integers"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--seq-len", "1024"], "MiniLM has 512 positions"),
 ])
 def test_bench_bad_input(args, needle, capsys, tmp_path):
     assert main([*args, "--out", str(tmp_path)]) == 2

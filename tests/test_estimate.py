@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from memtl.bench import bench_method, build_model
+from memtl.bench import build_model, measure_peak_mib
 from memtl.cli import main as cli_main
 from memtl.estimate import METHODS, estimate, load_geometry, main, parameter_counts, parse_size, simulate
 
@@ -19,7 +19,7 @@ TOLERANCE = 0.10
 @pytest.mark.parametrize("batch,seq", [(8, 64), (16, 128)])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_prediction_matches_the_benchmark_on_tiny(method, batch, seq):
-    measured = bench_method(method, "tiny", None, batch, seq, 1, torch.device("cpu"), "32", 0)["peak_step_mib"]
+    measured = measure_peak_mib(method, "tiny", None, batch, seq, torch.device("cpu"))
     predicted = simulate(load_geometry("tiny"), METHODS[method], batch, seq) / MIB
     assert predicted == pytest.approx(measured, rel=TOLERANCE), (predicted, measured)
 

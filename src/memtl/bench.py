@@ -1,12 +1,15 @@
 """Side-by-side benchmark of fine-tuning methods: one process, the same batch for all.
 
-    python -m memtl.bench                                   # MiniLM, 16 x 128, the peers
-    python -m memtl.bench --geometry bert-base --batch-size 8 --seq-len 512
-    python -m memtl.bench --geometry minilm-random --layers 6,12,24   # depth sweep
+    memtl bench                                   # MiniLM, 16 x 128, the peers
+    memtl bench --geometry bert-base --batch-size 8 --seq-len 512
+    memtl bench --geometry minilm-random --layers 6,12,24   # depth sweep (+ memory_vs_layers.png)
+    memtl bench --seq-len 64,128,256 --batch-size 8,16    # memory vs length / batch plots
 
 For every method: peak step memory (forward + backward, relative to just before the
 step; DESIGN §4), saved-for-backward bytes, and the median time of a full training step
-(forward, backward, AdamW update) — absolute and as ratios to full fine-tuning.
+(forward, backward, AdamW update) — absolute and as ratios to full fine-tuning. Steps of
+the methods are interleaved, and process CPU time is reported beside wall time, so that
+the ratios hold on a machine other jobs share. Writes bench.json, bench.csv and plots.
 """
 from __future__ import annotations
 
@@ -71,61 +74,102 @@ def make_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int, device
     }
 
 
-def bench_method(spec: str, geometry: str, layers: int | None, batch_size: int, seq_len: int,
-                 steps: int, device: torch.device, precision: str, seed: int) -> dict:
-    from memtl.methods import apply_method, count_parameters
+class MethodUnderTest:
+    """One method's model, optimizer and batch, ready to take measured steps."""
 
-    name, options = METHOD_SPECS[spec]
-    model = apply_method(build_model(geometry, layers, seed), name, **options).to(device)
-    model.train()
-    batch = make_batch(model.config.vocab_size, batch_size, seq_len, seed, device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-5)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    def __init__(self, spec: str, geometry: str, layers: int | None, batch_size: int, seq_len: int,
+                 device: torch.device, precision: str, seed: int):
+        from memtl.methods import apply_method, count_parameters
 
-    def fwd_bwd(meter=None):
-        with autocast:
-            loss = model(**batch).loss
+        name, options = METHOD_SPECS[spec]
+        self.spec = spec
+        self.model = apply_method(build_model(geometry, layers, seed), name, **options).to(device)
+        self.model.train()
+        self.device = device
+        self.batch = make_batch(self.model.config.vocab_size, batch_size, seq_len, seed, device)
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+        self.trainable = count_parameters(self.model)["trainable"]
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self.step()  # warm-up: optimizer state, allocator caches
+
+    def fwd_bwd(self, meter=None):
+        with self.autocast:
+            loss = self.model(**self.batch).loss
         if meter is not None:
             meter.mark_backward()
         loss.backward()
 
-    def step():
-        fwd_bwd()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def step(self):
+        self.fwd_bwd()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
 
-    step()  # warm-up: optimizer state, allocator caches
-    meter = StepMemoryMeter(device, model.parameters())
-    with meter:
-        fwd_bwd(meter)
-    opt.zero_grad(set_to_none=True)
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    row = {
-        "method": spec,
-        "geometry": geometry,
-        "layers": getattr(model.config, "num_hidden_layers", None),
-        "hidden": model.config.hidden_size,
-        "batch_size": batch_size,
-        "seq_len": seq_len,
-        "precision": precision,
-        "trainable_params": count_parameters(model)["trainable"],
-        "peak_step_mib": mib(meter.peak_step_bytes),
-        "saved_tensor_mib": mib(meter.saved_tensor_bytes),
-        "step_time_s": statistics.median(times),
-        "samples_per_s": batch_size / statistics.median(times),
-    }
-    del model, opt, batch
+    def measure_memory(self) -> StepMemoryMeter:
+        meter = StepMemoryMeter(self.device, self.model.parameters())
+        with meter:
+            self.fwd_bwd(meter)
+        self.opt.zero_grad(set_to_none=True)
+        return meter
+
+    def timed_step(self):
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda *a: None)
+        sync(self.device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        self.step()
+        sync(self.device)
+        self.wall.append(time.perf_counter() - t0)
+        self.cpu.append(time.process_time() - c0)
+
+
+def measure_peak_mib(spec: str, geometry: str, layers: int | None, batch_size: int, seq_len: int,
+                     device: torch.device, precision: str = "32", seed: int = 0) -> float:
+    """Peak step memory of one method alone (the estimator's reference)."""
+    return mib(MethodUnderTest(spec, geometry, layers, batch_size, seq_len, device, precision, seed)
+               .measure_memory().peak_step_bytes)
+
+
+def bench_point(specs: list[str], geometry: str, layers: int | None, batch_size: int, seq_len: int,
+                steps: int, device: torch.device, precision: str, seed: int, progress=None) -> list[dict]:
+    """All methods at one geometry/depth/batch/length. Memory is measured one method at a
+    time; timing is interleaved (step k of every method, then step k+1, in rotating order),
+    so a change of machine load during the run hits every method alike."""
+    runs = []
+    for spec in specs:
+        run = MethodUnderTest(spec, geometry, layers, batch_size, seq_len, device, precision, seed)
+        run.meter = run.measure_memory()
+        runs.append(run)
+        if progress is not None:
+            progress.update(1)
+    for k in range(steps):
+        for run in runs[k % len(runs):] + runs[:k % len(runs)]:
+            run.timed_step()
+        if progress is not None:
+            progress.update(len(runs))
+    rows = []
+    for run in runs:
+        cfg = run.model.config
+        wall, cpu = statistics.median(run.wall), statistics.median(run.cpu)
+        rows.append({
+            "method": run.spec,
+            "geometry": geometry,
+            "layers": getattr(cfg, "num_hidden_layers", None),
+            "hidden": cfg.hidden_size,
+            "batch_size": batch_size,
+            "seq_len": seq_len,
+            "precision": precision,
+            "device": str(device),
+            "trainable_params": run.trainable,
+            "peak_step_mib": mib(run.meter.peak_step_bytes),
+            "saved_tensor_mib": mib(run.meter.saved_tensor_bytes),
+            "step_time_s": wall,
+            "cpu_time_s": cpu,  # process CPU time: robust to other jobs on a shared machine
+            "samples_per_s": batch_size / wall,
+        })
+    del runs
     gc.collect()
-    return row
+    return rows
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -136,7 +180,7 @@ def add_ratios(rows: list[dict]) -> None:
     full = {key(r): r for r in rows if r["method"] == "full"}
     for r in rows:
         ref = full.get(key(r))
-        for m in ("peak_step_mib", "saved_tensor_mib", "step_time_s"):
+        for m in ("peak_step_mib", "saved_tensor_mib", "step_time_s", "cpu_time_s"):
             r[f"{m.rsplit('_', 1)[0]}_ratio"] = (r[m] / ref[m]) if ref and ref[m] else None
 
 
@@ -145,7 +189,8 @@ def format_table(rows: list[dict]) -> str:
             ("trainable_params", "trainable", "{:,}"), ("peak_step_mib", "peak MiB", "{:.0f}"),
             ("peak_step_ratio", "peak/full", "{:.3f}"), ("saved_tensor_mib", "saved MiB", "{:.0f}"),
             ("saved_tensor_ratio", "saved/full", "{:.3f}"), ("step_time_s", "step s", "{:.3f}"),
-            ("step_time_ratio", "time/full", "{:.2f}")]
+            ("step_time_ratio", "time/full", "{:.2f}"), ("cpu_time_ratio", "cpu/full", "{:.2f}"),
+            ("samples_per_s", "samples/s", "{:.1f}")]
     cells = [[h for _, h, _ in cols]]
     for r in rows:
         cells.append(["-" if r.get(k) is None else f.format(r[k]) for k, _, f in cols])
@@ -156,19 +201,74 @@ def format_table(rows: list[dict]) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m memtl.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="memtl bench", description=__doc__.split("\n")[0])
     p.add_argument("--geometry", default="minilm", choices=["minilm", *GEOMETRIES],
                    help="minilm: the real pre-trained MiniLM; others: random-init BERT of that shape")
     p.add_argument("--layers", default="", help="comma list of depths (random geometries only), e.g. 6,12,24")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {', '.join(METHOD_SPECS)}")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", default="16", help="batch size, or a comma list (e.g. 8,16,32)")
+    p.add_argument("--seq-len", default="128", help="sequence length, or a comma list (e.g. 64,128,256)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per method (median reported)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="32", choices=["32", "bf16-mixed"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench_results", help="folder for bench.json / bench.csv")
+    p.add_argument("--out", default="bench_results", help="folder for bench.json / bench.csv / plots")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return p.parse_args(argv)
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes integers or a comma list of them, got '{text}'") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} must be >= 1")
+    return values
+
+
+def plot(rows: list[dict], out: Path) -> list[Path]:
+    """One PNG per varied axis (memory vs sequence length / batch size / depth), plus step
+    time per method at the first grid point. Returns the files written."""
+    from matplotlib.figure import Figure
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    written = []
+    axes = [("seq_len", "sequence length"), ("batch_size", "batch size"), ("layers", "layers")]
+    for key, label in axes:
+        if len({r[key] for r in rows}) < 2:
+            continue
+        others = [k for k, _ in axes if k != key]
+        fixed = {k: rows[0][k] for k in others}  # the other axes at their first value
+        fig = Figure(figsize=(6.4, 4.2))
+        ax = fig.add_subplot()
+        for m in methods:
+            pts = sorted((r[key], r["peak_step_mib"]) for r in rows
+                         if r["method"] == m and all(r[k] == v for k, v in fixed.items()))
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=m)
+        ax.set_xlabel(label)
+        ax.set_ylabel("peak step memory (MiB)")
+        ax.set_ylim(bottom=0)  # linear from 0: flat vs growing is the point of these plots
+        ax.set_title(f"{rows[0]['geometry']}: memory vs {label} ({', '.join(f'{k}={v}' for k, v in fixed.items())})",
+                     fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        path = out / f"memory_vs_{key}.png"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        written.append(path)
+    first = [r for r in rows if all(r[k] == rows[0][k] for k, _ in axes)]
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    ax.bar([r["method"] for r in first], [r["step_time_ratio"] or 0 for r in first], color="tab:blue")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_ylabel("step time / full fine-tuning")
+    ax.set_title(f"{rows[0]['geometry']}: step time, L={first[0]['layers']} "
+                 f"B={first[0]['batch_size']} T={first[0]['seq_len']} ({first[0]['device']})", fontsize=9)
+    ax.tick_params(axis="x", rotation=45)
+    path = out / "step_time.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    written.append(path)
+    return written
 
 
 def main(argv=None) -> int:
@@ -181,33 +281,49 @@ def main(argv=None) -> int:
         return 2
     if "full" not in methods:
         methods.insert(0, "full")  # every ratio is against full fine-tuning
-    depths = [int(x) for x in args.layers.split(",") if x.strip()] or [None]
-    if depths != [None] and args.geometry == "minilm":
-        print("error: --layers needs a random geometry (--geometry minilm-random or bert-base)", file=sys.stderr)
+    try:
+        depths = int_list(args.layers, "--layers") if args.layers.strip() else [None]
+        batch_sizes = int_list(args.batch_size, "--batch-size")
+        seq_lens = int_list(args.seq_len, "--seq-len")
+        if args.steps < 1:
+            raise ValueError("--steps must be >= 1")
+        if depths != [None] and args.geometry == "minilm":
+            raise ValueError("--layers needs a random geometry (--geometry minilm-random or bert-base)")
+        if args.geometry == "minilm" and max(seq_lens) > 512:
+            raise ValueError("--seq-len: MiniLM has 512 positions")
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device here; use --device cpu")
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    for bad, what in ((args.batch_size < 1, "--batch-size"), (args.seq_len < 1, "--seq-len"), (args.steps < 1, "--steps")):
-        if bad:
-            print(f"error: {what} must be >= 1", file=sys.stderr)
-            return 2
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: cannot write --out {out}: {e.strerror}", file=sys.stderr)
+        return 2
+
+    from tqdm.auto import tqdm
+
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    device = torch.device(args.device)
+    grid = [(d, b, t) for d in depths for b in batch_sizes for t in seq_lens]
     rows = []
-    for depth in depths:
-        for m in methods:
-            print(f"[bench] {m} geometry={args.geometry} layers={depth or 'default'} "
-                  f"batch={args.batch_size}x{args.seq_len} ...", file=sys.stderr, flush=True)
-            rows.append(bench_method(m, args.geometry, depth, args.batch_size, args.seq_len, args.steps, device,
-                                     args.precision, args.seed))
+    with tqdm(total=len(grid) * len(methods) * (1 + args.steps), desc="bench", unit="step", file=sys.stderr,
+              disable=None) as progress:
+        for depth, batch_size, seq_len in grid:
+            progress.set_postfix_str(f"L={depth or 'default'} B={batch_size} T={seq_len}")
+            rows += bench_point(methods, args.geometry, depth, batch_size, seq_len, args.steps, device,
+                                args.precision, args.seed, progress)
     add_ratios(rows)
     print(format_table(rows))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps({"args": vars(args), "device": str(device), "rows": rows}, indent=2))
     with open(out / "bench.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    print(f"wrote {out / 'bench.json'} and {out / 'bench.csv'}", file=sys.stderr)
+    written = [] if args.no_plots else plot(rows, out)
+    print(f"wrote {', '.join(str(p) for p in [out / 'bench.json', out / 'bench.csv', *written])}", file=sys.stderr)
     return 0
 
 

@@ -719,7 +719,7 @@ def validate(geometries: list[str], shapes: list[tuple[int, int]], methods: list
     """Run ``memtl bench`` (CPU) on each configuration and put the prediction beside it."""
     import torch
 
-    from memtl.bench import bench_method
+    from memtl.bench import measure_peak_mib
 
     rows = []
     for geo in geometries:
@@ -727,11 +727,11 @@ def validate(geometries: list[str], shapes: list[tuple[int, int]], methods: list
         for B, S in shapes:
             for method in methods:
                 print(f"[validate] {method} {geo} {B}x{S} {precision} ...", file=sys.stderr, flush=True)
-                measured = bench_method(method, geo, None, B, S, 1, torch.device("cpu"), precision, 0)
+                measured = measure_peak_mib(method, geo, None, B, S, torch.device("cpu"), precision)
                 predicted = simulate(g, METHODS[method], B, S, amp=precision == "bf16-mixed", cuda=False) / MIB
                 rows.append({"geometry": geo, "batch_size": B, "seq_len": S, "precision": precision,
-                             "method": method, "measured_mib": measured["peak_step_mib"], "predicted_mib": predicted,
-                             "error": predicted / measured["peak_step_mib"] - 1})
+                             "method": method, "measured_mib": measured, "predicted_mib": predicted,
+                             "error": predicted / measured - 1})
     return rows
 
 
