@@ -1,0 +1,286 @@
+"""``memtl report``: the paper-style results of a sweep, from its ``results.json`` files.
+
+    memtl report multirun/minilm_accuracy            # -> multirun/minilm_accuracy/report/
+    memtl report multirun/2026-11-23_12-00-00 --out report --wandb
+
+Collects every ``results.json`` under a folder (recursively) and writes into ``--out``
+(default ``<folder>/report``):
+
+* ``report.md``  - the table as papers show it: one row per method, one column per task,
+  the best dev value of the task's main metric as mean ± std over seeds, for the best
+  configuration of each method (hyper-parameters other than the seed, chosen by the mean
+  dev metric, as model selection on dev does); then peak step memory per method and task
+  with its ratio to full fine-tuning, the chosen configurations, and every run that did
+  not complete;
+* ``pareto.png`` - best dev metric against peak step memory, one panel per task, the
+  Pareto front (more accuracy for less memory) drawn through the methods on it;
+* ``runs.csv``   - one row per run, everything the tables are built from;
+* ``report.json``- the tables as data.
+
+With ``--wandb`` the same tables and figure go to a W&B run (job type ``report``, grouped
+by the folder's name); ``WANDB_MODE`` decides online or offline as for training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from memtl.errors import ConfigError
+
+METHOD_ORDER = ["full", "full+ckpt", "lora", "lora+ckpt", "meft1", "meft2", "meft3", "sherl", "sherl+ckpt"]
+# keys that make two runs "the same configuration" apart from the seed
+SETUP_KEYS = ["backbone", "method_options", "lr", "batch_size", "epochs", "max_length", "precision", "protocol"]
+
+
+def _get(d, *keys, default=None):
+    for k in keys:
+        if not isinstance(d, dict) or d.get(k) is None:
+            return default
+        d = d[k]
+    return d
+
+
+def load_runs(root: Path) -> tuple[pd.DataFrame, list[dict]]:
+    """One row per ``results.json`` under ``root``; files that cannot be read come back
+    separately (path, error) so that nothing is dropped silently."""
+    rows, unreadable = [], []
+    for path in sorted(root.rglob("results.json")):
+        try:
+            r = json.loads(path.read_text())
+            cfg = r.get("config") or {}
+            method_cfg = dict(cfg.get("method") or {})
+        except (OSError, ValueError, AttributeError) as e:
+            unreadable.append({"run": str(path.parent.relative_to(root)), "error": str(e).splitlines()[0]})
+            continue
+        method = _get(r, "run", "method", default=method_cfg.get("name"))
+        label = f"{method}+ckpt" if method_cfg.get("gradient_checkpointing") else method
+        options = {k: v for k, v in method_cfg.items() if k not in ("name", "lr")}
+        trainable, total = _get(r, "params", "trainable"), _get(r, "params", "total")
+        rows.append({
+            "run": str(path.parent.relative_to(root)) or ".",
+            "status": r.get("status"),
+            "label": label,
+            "backbone": _get(r, "run", "backbone", default=_get(cfg, "backbone", "name")),
+            "task": _get(r, "run", "task", default=_get(cfg, "task", "name")),
+            "seed": _get(r, "run", "seed", default=cfg.get("seed")),
+            "metric": _get(r, "best", "metric", default=_get(cfg, "task", "main_metric")),
+            "best": _get(r, "best", "value"),
+            "best_epoch": _get(r, "best", "epoch"),
+            "lr": _get(cfg, "optim", "lr"),
+            "batch_size": _get(cfg, "data", "batch_size"),
+            "epochs": _get(cfg, "trainer", "max_epochs"),
+            "max_length": _get(cfg, "data", "max_length"),
+            "precision": str(_get(cfg, "trainer", "precision", default="")),
+            "protocol": _get(cfg, "data", "protocol", default="dev"),
+            "method_options": json.dumps(options, sort_keys=True),
+            "trainable": trainable,
+            "total": total,
+            "trainable_%": 100 * trainable / total if trainable and total else None,
+            "peak_step_mib": _get(r, "memory", "peak_step_mib"),
+            "saved_mib": _get(r, "memory", "saved_tensor_mib"),
+            "step_time_s": _get(r, "throughput", "step_time_s"),
+            "wall_time_s": r.get("wall_time_s"),
+            "error": (str(r.get("error") or "").splitlines() or [""])[0],
+        })
+    runs = pd.DataFrame(rows)
+    if not runs.empty:
+        runs["setup"] = [", ".join(f"{k}={row[k]}" for k in SETUP_KEYS) for _, row in runs.iterrows()]
+    return runs, unreadable
+
+
+def _order(labels) -> list[str]:
+    return sorted(labels, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m))
+
+
+def select_configs(done: pd.DataFrame) -> pd.DataFrame:
+    """Per backbone × task × method: the configuration with the best mean dev metric over
+    its seeds (ties: more seeds, then the first). One row per choice with mean, std, n."""
+    per_setup = (done.dropna(subset=["best"])
+                 .groupby(["backbone", "task", "metric", "label", "setup"], sort=False)
+                 .agg(mean=("best", "mean"), std=("best", "std"), n=("best", "size"),
+                      seeds=("seed", lambda s: sorted(s.tolist())), peak_step_mib=("peak_step_mib", "mean"),
+                      step_time_s=("step_time_s", "mean"), trainable=("trainable", "first"),
+                      trainable_pct=("trainable_%", "first"), lr=("lr", "first"))
+                 .reset_index())
+    per_setup["configs_tried"] = per_setup.groupby(["backbone", "task", "label"])["setup"].transform("size")
+    per_setup = per_setup.sort_values(["mean", "n"], ascending=False)
+    return per_setup.groupby(["backbone", "task", "label"], sort=False).head(1).reset_index(drop=True)
+
+
+def _cell(mean, std, n, scale):
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return ""
+    if n > 1:
+        return f"{scale * mean:.1f} ± {scale * std:.1f}"
+    return f"{scale * mean:.1f}"
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    header = "| " + " | ".join(map(str, df.columns)) + " |"
+    align = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(df.columns))) + "|"
+    body = ["| " + " | ".join("" if (isinstance(v, float) and math.isnan(v)) else str(v).replace("|", "/")
+                              for v in row) + " |"
+            for row in df.itertuples(index=False)]
+    return "\n".join([header, align, *body])
+
+
+def build_tables(runs: pd.DataFrame, scale: float = 100.0) -> dict:
+    done = runs[runs["status"] == "completed"] if not runs.empty else runs
+    if done.empty:
+        return {"chosen": pd.DataFrame(), "scores": pd.DataFrame(), "memory": pd.DataFrame()}
+    chosen = select_configs(done)
+    chosen["column"] = chosen["task"] + (" (" + chosen["backbone"] + ")" if chosen["backbone"].nunique() > 1 else "")
+    columns = list(dict.fromkeys(chosen.sort_values(["backbone", "task"])["column"]))
+    methods = _order(chosen["label"].unique())
+
+    scores = pd.DataFrame({"method": methods})
+    for col in columns:
+        sub = chosen[chosen["column"] == col].set_index("label")
+        metric = sub["metric"].iloc[0]
+        scores[f"{col} {metric}"] = [_cell(sub.at[m, "mean"], sub.at[m, "std"], sub.at[m, "n"], scale)
+                                     if m in sub.index else "" for m in methods]
+    means = chosen.pivot_table(index="label", columns="column", values="mean")
+    scores["avg"] = [f"{scale * means.loc[m].mean():.1f}" if m in means.index and means.loc[m].notna().all()
+                     and len(means.columns) == len(columns) else "" for m in methods]
+    scores["trainable %"] = [f"{chosen[chosen['label'] == m]['trainable_pct'].iloc[0]:.2f}" for m in methods]
+
+    memory = pd.DataFrame({"method": methods})
+    for col in columns:
+        sub = chosen[chosen["column"] == col].set_index("label")
+        full = sub.at["full", "peak_step_mib"] if "full" in sub.index else None
+        memory[f"{col} peak MiB"] = [f"{sub.at[m, 'peak_step_mib']:.0f}" if m in sub.index and
+                                     pd.notna(sub.at[m, "peak_step_mib"]) else "" for m in methods]
+        memory[f"{col} / full"] = [f"{sub.at[m, 'peak_step_mib'] / full:.3f}" if full and m in sub.index and
+                                   pd.notna(sub.at[m, "peak_step_mib"]) else "" for m in methods]
+    return {"chosen": chosen, "scores": scores, "memory": memory}
+
+
+def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """Points (memory, score, label) not beaten by another with less-or-equal memory and
+    a higher-or-equal score; sorted by memory."""
+    front, best = [], -math.inf
+    for mem, score, label in sorted(points, key=lambda p: (p[0], -p[1])):
+        if score > best:
+            front.append((mem, score, label))
+            best = score
+    return front
+
+
+def plot_pareto(chosen: pd.DataFrame, path: Path, scale: float = 100.0) -> Path | None:
+    from matplotlib.figure import Figure
+
+    pts = chosen.dropna(subset=["peak_step_mib", "mean"])
+    if pts.empty:
+        return None
+    panels = list(pts.groupby("column", sort=True))
+    fig = Figure(figsize=(5.2 * len(panels), 4.2))
+    for i, (column, g) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        points = [(r.peak_step_mib, scale * r.mean, r.label) for r in g.itertuples()]
+        for mem, score, label in points:
+            ax.scatter(mem, score, s=45, edgecolor="black", linewidth=0.5, zorder=3)
+            ax.annotate(label, (mem, score), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        front = pareto_front(points)
+        ax.plot([p[0] for p in front], [p[1] for p in front], color="tab:red", linestyle="--", linewidth=1,
+                label="Pareto front", zorder=2)
+        ax.set_xlim(0, max(p[0] for p in points) * 1.2)
+        ax.set_xlabel("peak step memory (MiB)")
+        ax.set_ylabel(f"best dev {g['metric'].iloc[0]} (×{scale:g})")
+        ax.set_title(column)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("Accuracy vs memory (best configuration per method)", fontsize=10)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def write_report(root: Path, out: Path, scale: float = 100.0) -> dict:
+    runs, unreadable = load_runs(root)
+    if runs.empty and not unreadable:
+        raise ConfigError(f"no results.json under {root}: point memtl report at a folder of runs "
+                          "(e.g. multirun/<time> or outputs/)")
+    tables = build_tables(runs, scale)
+    out.mkdir(parents=True, exist_ok=True)
+    figure = plot_pareto(tables["chosen"], out / "pareto.png", scale) if not tables["chosen"].empty else None
+
+    lines = [f"# Report: {root}", "",
+             f"{len(runs)} runs ({int((runs['status'] == 'completed').sum()) if not runs.empty else 0} completed). "
+             f"Scores: best dev value of each task's main metric (×{scale:g}), mean ± std over seeds, for the "
+             "configuration of each method with the best mean (seed aside).", ""]
+    if not tables["scores"].empty:
+        lines += ["## Dev score per method", "", _markdown(tables["scores"]), "",
+                  "## Peak step memory (MiB) and ratio to full fine-tuning", "", _markdown(tables["memory"]), ""]
+        if figure is not None:
+            lines += [f"![accuracy vs memory]({figure.name})", ""]
+        chosen = tables["chosen"][["column", "label", "lr", "n", "seeds", "configs_tried", "setup"]].copy()
+        chosen["seeds"] = chosen["seeds"].map(lambda s: ",".join(map(str, s)))
+        lines += ["## Chosen configurations", "", _markdown(chosen.sort_values(["column", "label"])), ""]
+    not_done = runs[runs["status"] != "completed"] if not runs.empty else runs
+    if not not_done.empty or unreadable:
+        lines += ["## Runs that did not complete (left out above)", ""]
+        if not not_done.empty:
+            lines += [_markdown(not_done[["run", "status", "label", "task", "seed", "error"]]), ""]
+        for u in unreadable:
+            lines.append(f"- `{u['run']}`: unreadable results.json ({u['error']})")
+        lines.append("")
+    (out / "report.md").write_text("\n".join(lines))
+    runs.to_csv(out / "runs.csv", index=False)
+    data = {k: v.to_dict(orient="records") for k, v in tables.items()}
+    (out / "report.json").write_text(json.dumps({"root": str(root), "tables": data, "unreadable": unreadable},
+                                                indent=2, default=str))
+    return {"runs": runs, "tables": tables, "figure": figure, "out": out, "unreadable": unreadable}
+
+
+def log_to_wandb(report: dict, root: Path, project: str) -> None:
+    import wandb
+
+    run = wandb.init(project=project, job_type="report", group=root.resolve().name, name=f"report-{root.name}",
+                     dir=str(report["out"]), reinit="finish_previous")
+    try:
+        for key in ("scores", "memory"):
+            df = report["tables"][key]
+            if not df.empty:
+                run.log({f"report/{key}": wandb.Table(dataframe=df.astype(str))})
+        run.log({"report/runs": wandb.Table(dataframe=report["runs"].astype(str))})
+        if report["figure"] is not None:
+            run.log({"report/pareto": wandb.Image(str(report["figure"]))})
+    finally:
+        run.finish()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="memtl report", description=__doc__.split("\n")[0])
+    p.add_argument("folder", help="folder of runs (searched recursively for results.json)")
+    p.add_argument("--out", default=None, help="output folder (default: <folder>/report)")
+    p.add_argument("--scale", type=float, default=100.0, help="multiply metrics by this (100: percent)")
+    p.add_argument("--wandb", action="store_true", help="also log the tables and figure to a W&B run")
+    p.add_argument("--project", default="memtl", help="W&B project for --wandb")
+    args = p.parse_args(argv)
+    root = Path(args.folder)
+    if not root.is_dir():
+        print(f"error: {root} is not a folder: give the multirun/outputs folder holding the runs", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else root / "report"
+    try:
+        report = write_report(root, out, args.scale)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot write the report to {out}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print((out / "report.md").read_text())
+    if args.wandb:
+        log_to_wandb(report, root, args.project)
+    print(f"wrote {out / 'report.md'}, {out / 'runs.csv'}, {out / 'report.json'}"
+          + (f", {report['figure']}" if report["figure"] else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

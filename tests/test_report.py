@@ -1,0 +1,91 @@
+"""memtl report on a real tiny sweep: paper table (best config per method, mean ± std over
+seeds), memory table, Pareto plot, runs that did not complete, W&B offline, bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+from conftest import run_cli
+
+from memtl.report import build_tables, load_runs, main, pareto_front
+
+
+@pytest.fixture(scope="module")
+def sweep(glue_root, tmp_path_factory):
+    """2 methods × 2 learning rates × 2 seeds of tiny BERT on RTE (8 real runs)."""
+    out = tmp_path_factory.mktemp("report") / "sweep"
+    proc = run_cli(["-m", "method=full,lora", "optim.lr=1e-3,1e-5", "seed=1,2", "backbone=tiny_bert",
+                    "task=glue/rte", f"data.root={glue_root}", "trainer.limit_train_batches=3",
+                    "trainer.max_epochs=1", "data.max_eval_samples=24", "logger=none",
+                    "callbacks.memory.measure_batches=[1]", "callbacks.memory.timing_warmup=1",
+                    "trainer.enable_progress_bar=false", f"hydra.sweep.dir={out}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list(out.glob("*/results.json"))) == 8
+    return out
+
+
+def test_table_picks_the_best_config_per_method_and_pools_seeds(sweep):
+    runs, unreadable = load_runs(sweep)
+    assert len(runs) == 8 and not unreadable and (runs["status"] == "completed").all()
+    chosen = build_tables(runs)["chosen"].set_index("label")
+    for label in ("full", "lora"):
+        mine = runs[runs["label"] == label]
+        means = mine.groupby("lr")["best"].mean()
+        row = chosen.loc[label]
+        assert row["n"] == 2 and row["configs_tried"] == 2
+        assert row["mean"] == pytest.approx(means.max()) and means[row["lr"]] == pytest.approx(means.max())
+        assert row["std"] == pytest.approx(mine[mine["lr"] == row["lr"]]["best"].std(ddof=1))
+        assert row["seeds"] == [1, 2]
+
+
+def test_cli_writes_markdown_csv_json_and_pareto(sweep, tmp_path, capsys):
+    # a run that broke is listed apart, never pooled
+    broken = tmp_path / "runs"
+    shutil.copytree(sweep, broken)
+    res = json.loads((broken / "0" / "results.json").read_text())
+    res.update(status="failed", error="RuntimeError: planned failure\nmore")
+    (broken / "0" / "results.json").write_text(json.dumps(res))
+    (broken / "junk").mkdir()
+    (broken / "junk" / "results.json").write_text("{not json")
+
+    assert main([str(broken), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Dev score per method" in md and "## Dev score per method" in capsys.readouterr().out
+    assert "| full |" in md and "| lora |" in md and "± " in md
+    assert "planned failure" in md and "unreadable results.json" in md
+    assert (tmp_path / "rep" / "pareto.png").stat().st_size > 0
+    runs = pd.read_csv(tmp_path / "rep" / "runs.csv")
+    assert len(runs) == 8 and set(runs["status"]) == {"completed", "failed"}
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert {r["method"] for r in data["tables"]["scores"]} == {"full", "lora"}
+    # the memory table's ratio is against full fine-tuning's peak
+    mem = {r["method"]: r for r in data["tables"]["memory"]}
+    col = next(k for k in mem["lora"] if k.endswith("/ full"))
+    peak = next(k for k in mem["lora"] if k.endswith("peak MiB"))
+    assert float(mem["full"][col]) == 1.0
+    # the table prints whole MiB; the ratio comes from the unrounded figures
+    assert float(mem["lora"][col]) == pytest.approx(float(mem["lora"][peak]) / float(mem["full"][peak]), rel=0.05)
+
+
+def test_wandb_offline_logs_the_tables(sweep, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert main([str(sweep), "--out", str(tmp_path / "rep"), "--wandb"]) == 0
+    runs = list((tmp_path / "rep" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_pareto_front():
+    pts = [(100, 80, "a"), (50, 70, "b"), (60, 65, "c"), (200, 80, "d"), (300, 90, "e")]
+    assert [p[2] for p in pareto_front(pts)] == ["b", "a", "e"]
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda p: p / "missing", "is not a folder"),
+    (lambda p: p, "no results.json under"),
+])
+def test_bad_input(make, needle, tmp_path, capsys):
+    assert main([str(make(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
