@@ -104,20 +104,18 @@ def test_wandb_offline_run_logs_memory(glue_root, tmp_path):
 
     cfg = compose(["backbone=tiny_bert", "method=lora", "task=glue/rte", f"data.root={glue_root}",
                    *[s for s in SMOKE if not s.startswith("logger")], "logger=wandb"], tmp_path)
-    try:
-        res = run(cfg)
-        live = wandb.run
-        assert live is not None and live.settings.mode == "offline"
-        summary = dict(live.summary)
-        # logged through Lightning's WandbLogger (history); the summary keeps each key's last value
-        assert summary["memory/peak_step_mib"] == pytest.approx(res["memory"]["peak_step_mib"])
-        assert summary["memory/saved_tensor_mib"] > 0
-        assert summary["throughput/step_time_s"] > 0
-        assert "val/accuracy" in summary and summary["params/trainable"] == res["params"]["trainable"]
-        assert set(live.tags) == {"lora", "tiny_bert", "rte"}
-    finally:
-        wandb.finish()
-    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb")), "no offline run file written"
+    res = run(cfg)
+    assert wandb.run is None  # finished: a sweep's next job must start its own run
+    files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, "no offline run file written"
+    record, summary, exits = _wandb_run(files[0])
+    # logged through Lightning's WandbLogger (history); the summary keeps each key's last value
+    assert summary["memory/peak_step_mib"] == pytest.approx(res["memory"]["peak_step_mib"])
+    assert summary["memory/saved_tensor_mib"] > 0
+    assert summary["throughput/step_time_s"] > 0
+    assert "val/accuracy" in summary and summary["params/trainable"] == res["params"]["trainable"]
+    assert summary["status"] == "completed" and exits == [0]
+    assert set(record.tags) == {"lora", "tiny_bert", "rte"}
 
 
 def test_bf16_mixed_precision_trains(glue_root, tmp_path):
@@ -182,3 +180,51 @@ def test_ladder_side_tuning_protocol_scores_the_test_split(glue_root, tmp_path):
     assert res["status"] == "completed"
     assert set(res["test"]) == {"accuracy", "f1"} and set(res["metrics"]) == {"accuracy", "f1"}
     assert read(tmp_path)["test"] == res["test"]
+
+
+def _wandb_records(run_file: Path) -> list:
+    """The records of an offline ``run-*.wandb`` file: a
+    LevelDB-style log (7-byte file header; records with a 7-byte header - crc, length,
+    type full/first/middle/last - in 32 KiB blocks) of W&B protobuf ``Record`` messages."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, part, block, records = run_file.read_bytes(), 7, b"", 32768, []
+    assert data.startswith(b":W&B"), f"{run_file} is not a W&B run file"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        part = chunk if kind in (1, 2) else part + chunk
+        if kind in (1, 4):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(part)
+            records.append(rec)
+    return records
+
+
+def _wandb_run(run_file: Path):
+    """(run record: name, group, tags...; final summary as a dict; exit code) of an offline run."""
+    records = _wandb_records(run_file)
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    summary = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "summary":
+            summary.update({u.key or ".".join(u.nested_key): json.loads(u.value_json) for u in r.summary.update})
+    exits = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
+    return run, summary, exits
+
+
+def test_sweep_runs_share_one_wandb_group(glue_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    smoke = [s for s in SMOKE if not s.startswith("logger")]
+    proc = run_cli(["-m", "method=full,lora", "backbone=tiny_bert", "task=glue/rte", f"data.root={glue_root}",
+                    *smoke, "logger=wandb", "trainer.enable_progress_bar=false", f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [_wandb_run(f)[0] for f in sorted(sweep.glob("*/wandb/offline-run-*/run-*.wandb"))]
+    assert len(records) == 2
+    assert {r.run_group for r in records} == {str(sweep)}
+    assert {tuple(sorted(r.tags)) for r in records} == {("full", "rte", "tiny_bert"), ("lora", "rte", "tiny_bert")}

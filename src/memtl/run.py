@@ -185,12 +185,31 @@ def build(cfg: DictConfig):
                             config=OmegaConf.to_container(cfg, resolve=True))
 
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [hydra.utils.instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
+    group = _sweep_group()
+    loggers = []
+    for lg in (cfg.get("logger") or {}).values():
+        if lg is None:
+            continue
+        if group and "WandbLogger" in str(lg.get("_target_")) and lg.get("group") is None:
+            lg = OmegaConf.merge(lg, {"group": group})  # one W&B group per sweep
+        loggers.append(hydra.utils.instantiate(lg))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
         lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "params": params})
     monitor = next((c for c in callbacks if isinstance(c, MemoryMonitor)), None)
     return trainer, module, datamodule, monitor, params
+
+
+def _sweep_group() -> str | None:
+    """The sweep folder (e.g. ``multirun/2026-11-23_10-00-00``) under ``-m``, else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):  # not launched by Hydra (tests, notebooks)
+        return None
+    return str(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
 
 
 def _quiet_duplicate_logs() -> None:
@@ -218,3 +237,6 @@ def _log_summary(trainer, results: dict[str, Any]) -> None:
         else:
             lg.log_metrics({k: v for k, v in flat.items() if isinstance(v, (int, float))}, step=trainer.global_step)
         lg.finalize(results["status"] if results["status"] != "completed" else "success")
+        if callable(getattr(exp, "finish", None)):
+            # close the W&B run: otherwise the next job of a sweep (same process) reuses it
+            exp.finish(exit_code=0 if results["status"] == "completed" else 1)
