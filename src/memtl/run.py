@@ -184,12 +184,13 @@ def build(cfg: DictConfig):
     module = FineTuneModule(model, task, OmegaConf.to_container(cfg.optim, resolve=True),
                             config=OmegaConf.to_container(cfg, resolve=True))
 
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()
+                 if c is not None and "_target_" in c]
     group = _sweep_group()
     loggers = []
     for lg in (cfg.get("logger") or {}).values():
-        if lg is None:
-            continue
+        if lg is None or "_target_" not in lg:
+            continue  # settings for a logger not selected (a sweep's logger.wandb.group under logger=csv)
         if group and "WandbLogger" in str(lg.get("_target_")) and lg.get("group") is None:
             lg = OmegaConf.merge(lg, {"group": group})  # one W&B group per sweep
         loggers.append(hydra.utils.instantiate(lg))
