@@ -38,21 +38,43 @@ def test_every_option_composes_and_validates(group, option, tmp_path):
         assert cfg.task.main_metric == get_task(cfg.task.name).main_metric
 
 
+def sweep_params(path: Path) -> dict:
+    """The grid of a sweep file, with the grids of the sweeps it builds on (its defaults
+    list's ``/sweep/...`` entries, as the smoke variants do) merged underneath."""
+    cfg = OmegaConf.load(path)
+    params = {}
+    for entry in cfg.get("defaults") or []:
+        if isinstance(entry, str) and entry.startswith("/sweep/"):
+            params.update(sweep_params(SWEEP_DIR / f"{entry[len('/sweep/'):]}.yaml"))
+    params.update(OmegaConf.select(cfg, "hydra.sweeper.params", default={}) or {})
+    return params
+
+
 def sweep_grid(path: Path) -> list[list[str]]:
-    params = OmegaConf.load(path).hydra.sweeper.params
-    axes = [[f"{k}={v}" for v in str(vals).split(",")] for k, vals in params.items()]
+    axes = [[f"{k}={v}" for v in str(vals).split(",")] for k, vals in sweep_params(path).items()]
     return [list(c) for c in itertools.product(*axes)]
 
 
-SWEEPS = sorted(p for p in (REPO / "sweeps").glob("*.yaml"))
+SWEEP_DIR = REPO / "sweeps"
+SWEEPS = sorted(SWEEP_DIR.rglob("*.yaml"))
+SWEEP_NAMES = [str(p.relative_to(SWEEP_DIR).with_suffix("")) for p in SWEEPS]
+WITH_SMOKE = ["meft_glue_paper", "meft_glue_authors", "sherl_glue_authors", "minilm_accuracy"]
 
 
-def test_sweeps_exist():
-    assert {"meft_glue_paper", "meft_glue_authors"} <= {p.stem for p in SWEEPS}
+def test_sweeps_exist_each_with_a_small_smoke_variant():
+    assert {"meft_glue_paper", "meft_glue_authors", "sherl_glue_authors", "sherl_glue_authors_large"} <= set(SWEEP_NAMES)
+    for name in WITH_SMOKE:
+        full, smoke = sweep_grid(SWEEP_DIR / f"{name}.yaml"), sweep_grid(SWEEP_DIR / "smoke" / f"{name}.yaml")
+        assert len(smoke) <= 12 and len(smoke) <= len(full), name
+        assert {kv.split("=")[0] for kv in smoke[0]} == {kv.split("=")[0] for kv in full[0]}, name
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("train", overrides=[f"+sweep=smoke/{name}"])
+        assert cfg.trainer.max_steps == 4 and cfg.data.max_train_samples == 64, name  # minutes, not hours
 
 
-@pytest.mark.parametrize("sweep", SWEEPS, ids=[p.stem for p in SWEEPS])
+@pytest.mark.parametrize("sweep", SWEEPS, ids=SWEEP_NAMES)
 def test_every_combination_of_a_sweep_resolves(sweep, tmp_path):
+    sweep_name = str(sweep.relative_to(SWEEP_DIR).with_suffix(""))
     grid = sweep_grid(sweep)
     assert len(grid) > 1
     groups = {k for k in ("method", "task", "backbone") if any(kv.startswith(k + "=") for kv in grid[0])}
@@ -63,7 +85,7 @@ def test_every_combination_of_a_sweep_resolves(sweep, tmp_path):
             # command-line override would set them (composition per combination is too slow)
             choice = tuple(kv for kv in combo if kv.split("=")[0] in groups)
             if choice not in composed:
-                composed[choice] = compose("train", overrides=[f"+sweep={sweep.stem}", *choice,
+                composed[choice] = compose("train", overrides=[f"+sweep={sweep_name}", *choice,
                                                                f"paths.output_dir={tmp_path}"])
             cfg = composed[choice].copy()
             for kv in combo:

@@ -228,3 +228,15 @@ def test_sweep_runs_share_one_wandb_group(glue_root, tmp_path):
     assert len(records) == 2
     assert {r.run_group for r in records} == {str(sweep)}
     assert {tuple(sorted(r.tags)) for r in records} == {("full", "rte", "tiny_bert"), ("lora", "rte", "tiny_bert")}
+
+
+def test_a_smoke_sweep_runs_end_to_end(glue_root, tmp_path):
+    # the smoke variant of the MEFT paper grid: 3 variants x 2 learning rates, 4 steps each
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", "+sweep=smoke/meft_glue_paper", "backbone=tiny_bert", f"data.root={glue_root}",
+                    "trainer.enable_progress_bar=false", f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [read(p.parent) for p in sorted(sweep.glob("*/results.json"))]
+    assert {(r["run"]["method"], r["config"]["optim"]["lr"]) for r in results} == {
+        (m, lr) for m in ("meft1", "meft2", "meft3") for lr in (3e-4, 5e-4)}
+    assert all(r["status"] == "completed" and 0 < r["trainer"]["global_step"] <= 4 for r in results)  # max_steps 4
