@@ -9,3 +9,39 @@ class FailAtBatch(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == self.batch:
             raise KeyboardInterrupt() if self.interrupt else RuntimeError(f"planned failure at batch {batch_idx}")
+
+
+class NonFiniteAt(L.Callback):
+    """Make the loss (``what=loss``: the model output's loss times NaN) or one gradient
+    (``what=grad``: inf in the first trainable parameter's grad) non-finite at batch ``batch``.
+    Records the trainable weights before and after that batch in ``NonFiniteAt.weights``."""
+
+    weights: dict[str, dict] = {}
+
+    def __init__(self, batch: int = 1, what: str = "loss"):
+        self.batch, self.what = batch, what
+        self._hook = None
+
+    def _trainable(self, pl_module):
+        return {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx != self.batch:
+            return
+        NonFiniteAt.weights["before"] = self._trainable(pl_module)
+        if self.what == "loss":
+            def poison(module, args, kwargs, out):
+                out.loss = out.loss * float("nan")
+                return out
+            self._hook = pl_module.model.register_forward_hook(poison, with_kwargs=True)
+
+    def on_after_backward(self, trainer, pl_module):
+        if self.what == "grad" and trainer.fit_loop.epoch_loop.batch_idx == self.batch:
+            p = next(p for p in pl_module.parameters() if p.requires_grad)
+            p.grad.view(-1)[0] = float("inf")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.batch:
+            NonFiniteAt.weights["after"] = self._trainable(pl_module)
+            if self._hook is not None:
+                self._hook.remove()

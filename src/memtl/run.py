@@ -15,12 +15,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from memtl.errors import ConfigError
+from memtl.errors import ConfigError, RunError
 from memtl.results import RESULTS_FILE, environment, write_results
 
 log = logging.getLogger("memtl")
 
 PRECISIONS = {"32", "32-true", "64", "64-true", "bf16-mixed", "bf16-true", "16-mixed"}
+GUARD_MODES = ("stop", "skip")  # guard.nonfinite (memtl.callbacks.guard)
 RUN_KEYS = ("name", "lr")  # method keys that are not options of apply_method
 
 
@@ -55,6 +56,7 @@ def validate(cfg: DictConfig) -> None:
     _check(precision in PRECISIONS, f"trainer.precision={precision}: choose one of {', '.join(sorted(PRECISIONS))}")
     _check(cfg.backbone.get("source") in ("package", "hub", "random"),
            f"backbone.source={cfg.backbone.get('source')}: choose package, hub or random")
+    _check(cfg.guard.nonfinite in GUARD_MODES, f"guard.nonfinite={cfg.guard.nonfinite}: choose stop or skip")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -66,6 +68,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Fine-tune as configured; returns (and writes) the results dict."""
     validate(cfg)
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from memtl.callbacks import NonFiniteGuard
 
     # under DDP every process runs this function: only rank 0 owns results.json
     output_dir = cfg.paths.output_dir if rank_zero_only.rank == 0 else None
@@ -97,7 +101,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results["status"] = "interrupted"
         results["error"] = type(e).__name__
         raise
-    except ConfigError as e:
+    except (ConfigError, RunError) as e:  # the user's to fix: the one line says it all
         results["status"] = "failed"
         results["error"] = str(e)
         raise
@@ -118,6 +122,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if monitor is not None:
             results.update(monitor.summary())
         if trainer is not None:
+            guard = next((c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)), None)
+            if guard is not None:
+                results["guard"] = guard.summary()
             results["trainer"] = {"global_step": trainer.global_step, "epochs": trainer.current_epoch}
             ckpt = getattr(trainer.checkpoint_callback, "best_model_path", None)
             results["checkpoint"] = ckpt or None
@@ -152,7 +159,7 @@ def build(cfg: DictConfig):
     import lightning as L
 
     from memtl.backbones import load_model, load_tokenizer, max_positions
-    from memtl.callbacks import MemoryMonitor
+    from memtl.callbacks import MemoryMonitor, NonFiniteGuard
     from memtl.data import GlueDataModule, get_task
     from memtl.methods import apply_method, count_parameters
     from memtl.module import FineTuneModule
@@ -185,6 +192,7 @@ def build(cfg: DictConfig):
                             config=OmegaConf.to_container(cfg, resolve=True))
 
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks.append(NonFiniteGuard(cfg.guard.nonfinite))
     loggers = [hydra.utils.instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:

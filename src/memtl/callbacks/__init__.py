@@ -1,3 +1,4 @@
+from memtl.callbacks.guard import NonFiniteError, NonFiniteGuard
 from memtl.callbacks.memory import MemoryMonitor
 
-__all__ = ["MemoryMonitor"]
+__all__ = ["MemoryMonitor", "NonFiniteError", "NonFiniteGuard"]
