@@ -26,9 +26,9 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except RunError as e:  # e.g. a NaN loss: results.json says failed, with the same line
+    except RunError as e:  # a NaN loss, SIGTERM ...: results.json says failed/interrupted, with the same line
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(e.exit_code)
     best = results.get("best") or {}
     return best.get("value")  # what an Optuna sweeper would optimise
 

@@ -1,4 +1,8 @@
 """A callback that breaks a run on purpose (tests of the failure/interrupt paths)."""
+import os
+import signal
+from pathlib import Path
+
 import lightning as L
 
 
@@ -45,3 +49,21 @@ class NonFiniteAt(L.Callback):
             NonFiniteAt.weights["after"] = self._trainable(pl_module)
             if self._hook is not None:
                 self._hook.remove()
+
+
+class StopOnceAt(L.Callback):
+    """At the start of the batch that finds ``trainer.global_step == step``, send this
+    process SIGTERM (``how=sigterm``) or crash (``how=crash``) -- once: ``marker`` (a file)
+    remembers it, so rerunning the very same command then runs through."""
+
+    def __init__(self, step: int, marker: str, how: str = "sigterm"):
+        self.step, self.marker, self.how = step, Path(marker), how
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step != self.step or self.marker.exists():
+            return
+        self.marker.touch()
+        if self.how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning finishes this batch, then stops
+        else:
+            raise RuntimeError(f"planned crash at global step {self.step}")

@@ -11,4 +11,12 @@ class ConfigError(ValueError):
 
 
 class RunError(RuntimeError):
-    pass
+    exit_code = 1
+
+
+class RunInterrupted(RunError):
+    """SIGTERM or Ctrl-C: results.json says ``interrupted``; the same command resumes."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
