@@ -4,6 +4,7 @@ import signal
 from pathlib import Path
 
 import lightning as L
+import torch
 
 
 class FailAtBatch(L.Callback):
@@ -67,3 +68,23 @@ class StopOnceAt(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)  # Lightning finishes this batch, then stops
         else:
             raise RuntimeError(f"planned crash at global step {self.step}")
+
+
+class DumpFirstStep(L.Callback):
+    """Write this rank's trainable gradients (as the optimizer sees them: under DDP after the
+    all-reduce) and weights after the first optimizer step to ``<dirpath>/rank<r>.pt``."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath = Path(dirpath)
+        self.grads: dict | None = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == 0:
+            self.grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 1:
+            weights = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            torch.save({"grads": self.grads, "weights": weights, "batch": batch["labels"].numel(),
+                        "world": trainer.world_size}, self.dirpath / f"rank{trainer.global_rank}.pt")
