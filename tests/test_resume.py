@@ -38,7 +38,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     ra, rb = read(a), read(b)
     assert ra["status"] == rb["status"] == "completed"
     assert ra["trainer"]["global_step"] == rb["trainer"]["global_step"] == 10
-    assert ra["history"] == rb["history"] and len(ra["history"]) == 2  # exact float equality
+    assert ra["history"] == rb["history"] and len(ra["history"]) >= 2  # exact float equality
     assert ra["best"] == rb["best"] and ra["metrics"] == rb["metrics"]
     wa, wb = final_weights(a), final_weights(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), "final weights differ"
@@ -75,15 +75,25 @@ def test_sigterm_mid_epoch_then_the_same_command_resumes(glue_root, tmp_path, mo
     assert_same_run(whole, out)
 
 
-def test_crash_then_rerun_resumes_from_the_last_periodic_checkpoint(glue_root, tmp_path):
-    common = ["method=meft2", f"data.root={glue_root}", *ARGS, "logger=none"]  # meft2: dropout replayed in backward
+# meft2: dropout replayed in the reversible backward. The second: batches of 4, two per
+# step, evaluation mid-epoch in the middle of an accumulation, length-grouped order.
+CRASH = {"meft2": (["method=meft2"], 7, 1),
+         "accumulate": (["method=lora", "data.batch_size=4", "trainer.accumulate_grad_batches=2",
+                         "trainer.val_check_interval=0.5", "data.group_by_length=true",
+                         "callbacks.last_checkpoint.every_n_steps=3"], 8, 1)}
+
+
+@pytest.mark.parametrize("case", CRASH)
+def test_crash_then_rerun_resumes_from_the_last_periodic_checkpoint(case, glue_root, tmp_path):
+    extra, resumed_at, epoch = CRASH[case]
+    common = [f"data.root={glue_root}", *ARGS, *extra, "logger=none"]
     run(compose(common, tmp_path / "whole"))
     cfg = compose([*common, *stop_once(8, tmp_path / "crashed", "crash")], tmp_path / "run")
     with pytest.raises(RuntimeError, match="planned crash at global step 8"):
         run(cfg)
     assert read(tmp_path / "run")["status"] == "failed"
-    res = run(cfg)  # last.ckpt: step 7, mid-epoch 1
-    assert res["resumed"]["global_step"] == 7 and res["resumed"]["epoch"] == 1
+    res = run(cfg)  # from last.ckpt, mid-epoch 1
+    assert res["resumed"]["global_step"] == resumed_at and res["resumed"]["epoch"] == epoch
     assert res["resumed"]["previous_status"] == "failed"
     assert_same_run(tmp_path / "whole", tmp_path / "run")
 

@@ -205,7 +205,11 @@ def find_resume(cfg: DictConfig) -> dict[str, Any] | None:
         return None
     import torch
 
-    ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # mmap: reads no weights
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # mmap: reads no weights
+    except Exception as e:
+        raise ConfigError(f"cannot read {path} to resume from ({type(e).__name__}: {e}): "
+                          "add resume=never to start over") from None
     before = _flat((ckpt.get("memtl") or {}).get("config") or {})
     now = _flat(OmegaConf.to_container(cfg, resolve=True))
     diff = sorted(k for k in before.keys() | now.keys()
