@@ -37,29 +37,31 @@ class NonFiniteGuard(L.Callback):
             raise ValueError(f"guard.nonfinite={mode}: choose one of {', '.join(MODES)}")
         self.mode = mode
         self.skipped: list[int] = []  # global steps whose update was skipped
-        self._bad_loss: float | None = None  # first non-finite loss since the last optimizer step
+        self._losses: list[torch.Tensor] = []  # this step's (micro-batch) losses
 
     def on_before_backward(self, trainer, pl_module, loss):
-        if self._bad_loss is None and not torch.isfinite(loss.detach()).all():
-            self._bad_loss = loss.detach().float().mean().item()
+        self._losses.append(loss.detach().float().reshape(-1)[:1])  # checked with the grads: one sync per step
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        bad_loss, self._bad_loss = self._bad_loss, None
-        # one collective per step under DDP; a no-op on one device
-        loss_bad = trainer.strategy.reduce_boolean_decision(bad_loss is not None, all=False)
-        bad_grads: list[str] = []
-        if not loss_bad and getattr(trainer.precision_plugin, "scaler", None) is None:
-            named = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
-            if named:
-                finite = torch.stack([torch.isfinite(g).all() for _, g in named])
-                if not bool(finite.all()):  # one sync; names only on the rare bad step
-                    bad_grads = [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
+        losses, self._losses = self._losses, []
+        check_grads = getattr(trainer.precision_plugin, "scaler", None) is None
+        named = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None] if check_grads else []
+        checks = [torch.isfinite(x).all() for x in losses] + [torch.isfinite(g).all() for _, g in named]
+        flags = torch.stack(checks) if checks else torch.ones(0, dtype=torch.bool)
+        if bool(flags.all()) and trainer.world_size == 1:
+            return
+        # under DDP the ranks decide together (a NaN loss may be on one rank only)
+        loss_ok = flags[: len(losses)].tolist()
+        loss_bad = trainer.strategy.reduce_boolean_decision(not all(loss_ok), all=False)
+        bad_grads = [n for (n, _), ok in zip(named, flags[len(losses):].tolist()) if not ok]
         if not (loss_bad or bad_grads):
             return
 
-        where = f"at global step {trainer.global_step} (epoch {trainer.current_epoch}, batch {trainer.fit_loop.epoch_loop.batch_idx})"
+        loop = trainer.fit_loop.epoch_loop
+        where = f"at global step {trainer.global_step} (epoch {trainer.current_epoch}, batch {loop.batch_idx})"
         if loss_bad:
-            what = f"non-finite loss ({bad_loss})" if bad_loss is not None else "non-finite loss (on another rank)"
+            bad = [x.item() for x, ok in zip(losses, loss_ok) if not ok]
+            what = f"non-finite loss ({bad[0]})" if bad else "non-finite loss (on another rank)"
         else:
             more = f" and {len(bad_grads) - 1} more" if len(bad_grads) > 1 else ""
             what = f"non-finite gradient in {bad_grads[0]}{more}"
