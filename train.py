@@ -11,7 +11,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from memtl.errors import ConfigError
+from memtl.errors import ConfigError, RunError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 CONF = Path(__file__).resolve().parent / "conf"
@@ -26,6 +26,9 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunError as e:  # a NaN loss, SIGTERM ...: results.json says failed/interrupted, with the same line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     best = results.get("best") or {}
     return best.get("value")  # what an Optuna sweeper would optimise
 

@@ -27,6 +27,7 @@ BAD = [
     (["data.root=/nonexistent/folder"], "data.root=/nonexistent/folder is not a folder"),
     (["trainer.precision=8"], "trainer.precision=8: choose one of"),
     (["task.main_metric=f1"], "task.main_metric='f1' is not computed for rte"),
+    (["guard.nonfinite=maybe"], "guard.nonfinite=maybe: choose stop or skip"),
 ]
 
 

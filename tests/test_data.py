@@ -411,9 +411,9 @@ def test_group_by_length(rte_dm):
     loader = dm.train_dataloader()
     sampler = loader.sampler
     for epoch in range(2):
-        state = sampler.generator.get_state()
+        sampler.set_epoch(epoch)  # as Lightning does at each epoch start
         order = list(sampler)
-        sampler.generator.set_state(state)  # replay the same epoch through the loader
+        assert order == list(sampler)  # the order is a function of (seed, epoch)
         assert sorted(order) == list(range(200))  # every sample exactly once
         batches = list(loader)
         assert [len(b["labels"]) for b in batches] == [8] * 25
@@ -434,8 +434,7 @@ def test_group_by_length(rte_dm):
 
 def test_group_by_length_partial_batch_and_megabatches():
     lengths = [int(x) for x in torch.randint(1, 100, (1003,), generator=torch.Generator().manual_seed(0))]
-    sampler = glue.LengthGroupedSampler(lengths, batch_size=4, seed=0, mega=10)
-    order = list(sampler)
+    order = glue.length_grouped(torch.tensor(lengths), batch_size=4, generator=torch.Generator().manual_seed(0), mega=10)
     assert sorted(order) == list(range(1003))
     # a partial batch (3 samples) stays last, so the DataLoader's cuts match the groups
     batches = [order[i:i + 4] for i in range(0, 1003, 4)]
@@ -571,3 +570,38 @@ def test_lightning_fit_logs_each_eval_split(tsv_root, tokenizer, tmp_path):
     assert set(trainer.callback_metrics) == {"accuracy", "mm_accuracy"}
     assert float(trainer.callback_metrics["mm_accuracy"]) in (0.0, 0.5, 1.0)  # over the 2 mismatched rows
     assert dm.cache_hits >= 3  # prepare_data filled the cache, setup read it
+
+
+def test_train_order_resumes_mid_epoch_and_shards_across_ranks(rte_dm):
+    """The order is a function of (seed, epoch): a resumed loader skips exactly the batches
+    already drawn; under DDP the ranks split one order between them."""
+    for group in (False, True):
+        dm = rte_dm(group_by_length=group)
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(1)
+        full = [b["labels"].tolist() + b["input_ids"].sum(1).tolist() for b in loader]
+        it = iter(loader)
+        drawn = [next(it) for _ in range(2)]
+        state = loader.state_dict()
+        assert state == {"epoch": 1, "batches": 2} and len(drawn) == 2
+
+        resumed = rte_dm(group_by_length=group).train_dataloader()
+        resumed.load_state_dict(state)
+        resumed.sampler.set_epoch(1)
+        rest = [b["labels"].tolist() + b["input_ids"].sum(1).tolist() for b in resumed]
+        assert rest == full[2:] and resumed.state_dict()["batches"] == len(full)
+        resumed.sampler.set_epoch(2)  # the skip applied once: the next epoch is whole
+        assert len(list(resumed)) == len(full)
+
+        ds = dm.train_set
+        shards = [glue.TrainSampler(ds, 4, seed=3, lengths=ds.lengths if group else None, num_replicas=2, rank=r)
+                  for r in (0, 1)]
+        for s in shards:
+            s.set_epoch(5)
+        a, b = list(shards[0]), list(shards[1])
+        assert len(a) == len(b) and sorted(a + b) == list(range(len(ds)))  # 32 rows: no padding
+        one = glue.TrainSampler(ds, 8, seed=3, lengths=ds.lengths if group else None)
+        one.set_epoch(5)
+        # rank r's k-th batch of 4 + the other rank's = the single process's k-th batch of 8
+        assert [sorted(a[i:i + 4] + b[i:i + 4]) for i in range(0, len(a), 4)] == \
+            [sorted(x) for x in [list(one)[i:i + 8] for i in range(0, len(ds), 8)]]

@@ -116,8 +116,65 @@ class FineTuneModule(L.LightningModule):
         trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["memtl"] = {
-            "contents": "trainable weights only; rebuild the model from the run's config "
-            "(backbone + apply_method), then load_state_dict(state_dict, strict=False)",
+            "contents": "trainable weights only (+ optimizer/scheduler/loop state); to use them, rebuild the "
+            "model from `config` (load the backbone, then memtl.apply_method(model, method.name, **options)), "
+            "strip the 'model.' prefix from the state_dict keys and load_state_dict(state_dict, strict=False); "
+            "to resume training, rerun the same command into the same output folder",
             "trainable_keys": len(checkpoint["state_dict"]),
             "config": self.run_config,
+            # what a resumed run needs to continue exactly where this one stands
+            "history": self.history,
+            "best": self.best,
+            "rng": _rng_states(),
         }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("memtl", {})
+        if self.trainer.state.fn != "fit":
+            return  # e.g. testing the best checkpoint: keep this run's history
+        self.history = list(state.get("history", []))
+        self.best = state.get("best")
+        self._rng_to_restore = state.get("rng")
+
+    def on_train_start(self) -> None:
+        # Resuming: the data position. Lightning hands the train loader its saved state only
+        # when it creates the loader, which configure_optimizers (estimated_stepping_batches)
+        # already did before the loop state was restored; no batch has been drawn yet.
+        self.trainer.fit_loop._load_combined_loader_states()
+        # the RNG: here rather than on load, as nothing in between may draw from it
+        rng, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
+        if rng is not None:
+            _set_rng_states(rng[self.global_rank] if isinstance(rng, list) else rng)
+
+
+def _rng_states():
+    """This process's generators (dropout draws from them); under DDP every rank's, in rank order."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # tensors and plain values only: Lightning loads checkpoints with weights_only=True
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, state)  # every rank saves (Lightning calls this on all of them)
+        return states
+    return state
+
+
+def _set_rng_states(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

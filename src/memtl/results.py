@@ -29,33 +29,44 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
+# the libraries whose versions change the numbers (or how they were computed)
+LIBRARIES = ("torch", "transformers", "lightning", "peft", "torchmetrics", "tokenizers", "datasets",
+             "numpy", "scipy", "hydra-core", "omegaconf", "safetensors")
+
+
 def environment() -> dict[str, Any]:
-    import lightning
+    """Versions, git commit and the knobs that change CPU float results (thread count)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
-    import transformers
 
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "lightning": lightning.__version__,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
-    }
-    try:
-        import peft
-
-        env["peft"] = peft.__version__
-    except ImportError:
-        pass
-    try:
-        repo = Path(__file__).resolve().parents[2]
-        out = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-        env["git_commit"] = out if len(out) == 40 else None
-    except (OSError, subprocess.SubprocessError):
-        env["git_commit"] = None
+    env: dict[str, Any] = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            env[name] = version(name)
+        except PackageNotFoundError:
+            env[name] = None
+    env["torch"] = torch.__version__  # the build actually imported (+cpu / +cu...)
+    env["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    env["torch_threads"] = torch.get_num_threads()  # float summation order on CPU depends on it
+    env["cuda"] = torch.version.cuda
+    env.update(_git(Path(__file__).resolve().parents[2]))
     return env
+
+
+def _git(repo: Path) -> dict[str, Any]:
+    """The commit, and whether the tree had uncommitted changes (then the commit alone
+    does not reproduce the run)."""
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip()
+        if len(head) != 40:
+            return {"git_commit": None, "git_dirty": None}
+        status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=5).stdout
+        return {"git_commit": head, "git_dirty": bool(status.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
 
 
 def _jsonable(x):

@@ -6,6 +6,7 @@ loaded or written, and ``results.json`` is written whatever happens afterwards
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -15,12 +16,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from memtl.errors import ConfigError
+from memtl.errors import ConfigError, RunError, RunInterrupted
 from memtl.results import RESULTS_FILE, environment, write_results
 
 log = logging.getLogger("memtl")
 
 PRECISIONS = {"32", "32-true", "64", "64-true", "bf16-mixed", "bf16-true", "16-mixed"}
+GUARD_MODES = ("stop", "skip")  # guard.nonfinite (memtl.callbacks.guard)
 RUN_KEYS = ("name", "lr")  # method keys that are not options of apply_method
 
 
@@ -55,6 +57,11 @@ def validate(cfg: DictConfig) -> None:
     _check(precision in PRECISIONS, f"trainer.precision={precision}: choose one of {', '.join(sorted(PRECISIONS))}")
     _check(cfg.backbone.get("source") in ("package", "hub", "random"),
            f"backbone.source={cfg.backbone.get('source')}: choose package, hub or random")
+    _check(cfg.guard.nonfinite in GUARD_MODES, f"guard.nonfinite={cfg.guard.nonfinite}: choose stop or skip")
+    _check(cfg.get("resume", "auto") in ("auto", "never"), f"resume={cfg.get('resume')}: choose auto or never")
+    last = (cfg.get("callbacks") or {}).get("last_checkpoint")
+    _check(last is None or last.every_n_steps >= 1,
+           f"callbacks.last_checkpoint.every_n_steps={last and last.every_n_steps}: must be >= 1")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -67,15 +74,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+    from memtl.callbacks import NonFiniteGuard
+
     # under DDP every process runs this function: only rank 0 owns results.json
     output_dir = cfg.paths.output_dir if rank_zero_only.rank == 0 else None
-    keep_previous_results(output_dir)
+    resume = find_resume(cfg)  # before anything is moved or written: a mismatch loses nothing
+    keep_previous_results(output_dir, csv_metrics_path(cfg))
     results: dict[str, Any] = {
         "status": "running",
         "run": {"method": cfg.method.name, "backbone": cfg.backbone.name, "task": cfg.task.name, "seed": cfg.seed},
         "config": OmegaConf.to_container(cfg, resolve=True),
         "environment": environment(),
+        "resumed": resume,
     }
+    if resume:
+        log.info("resuming from %s (global step %d, epoch %d)", resume["from"], resume["global_step"], resume["epoch"])
     write_results(output_dir, results)
     started = time.time()
     trainer = module = monitor = None
@@ -83,7 +96,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainer, module, datamodule, monitor, params = build(cfg)
         results["params"] = params
         write_results(output_dir, results)
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume["from"] if resume else None)
         if not module.history and not trainer.interrupted:
             # stopped (max_steps) before any evaluation: evaluate the final weights once
             trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -93,11 +106,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             best = getattr(trainer.checkpoint_callback, "best_model_path", None)
             trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         results["status"] = "interrupted" if trainer.interrupted else "completed"
+        if results["status"] == "completed":
+            finish_last_checkpoint(trainer)
     except (KeyboardInterrupt, SystemExit) as e:
+        # SIGTERM (Lightning stops after the batch, last.ckpt saved) or Ctrl-C (Lightning exits)
+        sigterm = trainer is not None and trainer.received_sigterm
         results["status"] = "interrupted"
-        results["error"] = type(e).__name__
-        raise
-    except ConfigError as e:
+        results["error"] = (f"interrupted ({'SIGTERM' if sigterm else type(e).__name__}) at global step "
+                            f"{trainer.global_step if trainer is not None else 0}: rerun the same command to resume")
+        raise RunInterrupted(results["error"], 143 if sigterm else 130) from e
+    except (ConfigError, RunError) as e:  # the user's to fix: the one line says it all
         results["status"] = "failed"
         results["error"] = str(e)
         raise
@@ -118,9 +136,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if monitor is not None:
             results.update(monitor.summary())
         if trainer is not None:
+            guard = next((c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)), None)
+            if guard is not None:
+                results["guard"] = guard.summary()
             results["trainer"] = {"global_step": trainer.global_step, "epochs": trainer.current_epoch}
             ckpt = getattr(trainer.checkpoint_callback, "best_model_path", None)
             results["checkpoint"] = ckpt or None
+            last = last_checkpoint(trainer)
+            # where an unfinished run resumes from (a completed run's is renamed final.ckpt)
+            results["last_checkpoint"] = str(last.path) if last is not None and last.path.exists() else None
             _log_summary(trainer, results)
         write_results(output_dir, results)
     return results
@@ -130,20 +154,95 @@ def d_protocol(cfg: DictConfig) -> str:
     return str(cfg.data.get("protocol", "dev"))
 
 
-def keep_previous_results(output_dir: str | None) -> None:
-    """A rerun into the same folder must not overwrite an earlier run's results."""
+def keep_previous_results(output_dir: str | None, *more: Path | None) -> None:
+    """A rerun into the same folder must not overwrite an earlier run's results (nor, with
+    the CSV logger, which deletes it on start, its metrics.csv)."""
     if output_dir is None:
         return
-    path = Path(output_dir) / RESULTS_FILE
-    if path.exists():
+    for path in (Path(output_dir) / RESULTS_FILE, *more):
+        if path is None or not path.exists():
+            continue
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
-        backup = path.with_name(f"results.previous-{stamp}.json")
+        backup = path.with_name(f"{path.stem}.previous-{stamp}{path.suffix}")
         n = 1
         while backup.exists():
-            backup = path.with_name(f"results.previous-{stamp}-{n}.json")
+            backup = path.with_name(f"{path.stem}.previous-{stamp}-{n}{path.suffix}")
             n += 1
         os.replace(path, backup)
-        log.warning("kept the earlier %s as %s", RESULTS_FILE, backup.name)
+        log.warning("kept the earlier %s as %s", path.name, backup.name)
+
+
+def csv_metrics_path(cfg: DictConfig) -> Path | None:
+    c = (cfg.get("logger") or {}).get("csv")
+    if c is None or not str(c.get("_target_", "")).endswith("CSVLogger"):
+        return None
+    return Path(str(c.save_dir)) / str(c.get("name") or "lightning_logs") / str(c.get("version") or "") / "metrics.csv"
+
+
+# -- resume -------------------------------------------------------------------------------
+# keys that may differ between the interrupted run and its resumption
+RESUME_FREE_KEYS = ("paths", "resume", "guard", "logger", "trainer.enable_progress_bar")
+
+
+def last_checkpoint_path(cfg: DictConfig) -> Path | None:
+    for c in (cfg.get("callbacks") or {}).values():
+        if c is not None and str(c.get("_target_", "")).endswith("LastCheckpoint"):
+            return Path(str(c.dirpath)) / "last.ckpt"
+    return None
+
+
+def last_checkpoint(trainer):
+    from memtl.callbacks import LastCheckpoint
+
+    return next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+
+
+def find_resume(cfg: DictConfig) -> dict[str, Any] | None:
+    """``resume=auto``: an unfinished run in this output folder left ``last.ckpt``: continue
+    from it, provided the settings are the same (otherwise one line says which differ)."""
+    path = last_checkpoint_path(cfg)
+    if cfg.get("resume", "auto") == "never" or path is None or not path.exists():
+        return None
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # mmap: reads no weights
+    except Exception as e:
+        raise ConfigError(f"cannot read {path} to resume from ({type(e).__name__}: {e}): "
+                          "add resume=never to start over") from None
+    before = _flat((ckpt.get("memtl") or {}).get("config") or {})
+    now = _flat(OmegaConf.to_container(cfg, resolve=True))
+    diff = sorted(k for k in before.keys() | now.keys()
+                  if before.get(k, "<unset>") != now.get(k, "<unset>")
+                  and not any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS))
+    if diff:
+        shown = ", ".join(f"{k}: {before.get(k, '<unset>')} -> {now.get(k, '<unset>')}" for k in diff[:3])
+        more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+        raise ConfigError(f"{path} is an unfinished run with other settings ({shown}{more}): rerun it with the "
+                          "same settings to resume it, or add resume=never to start over")
+    previous = Path(str(cfg.paths.output_dir)) / RESULTS_FILE
+    try:
+        status = json.loads(previous.read_text()).get("status")
+    except (OSError, ValueError):
+        status = None
+    return {"from": str(path), "global_step": ckpt["global_step"], "epoch": ckpt["epoch"], "previous_status": status}
+
+
+def finish_last_checkpoint(trainer) -> None:
+    """A completed run's last.ckpt becomes final.ckpt (the final weights): nothing to resume."""
+    last = last_checkpoint(trainer)
+    if last is not None and trainer.is_global_zero and last.path.exists():
+        os.replace(last.path, last.path.with_name("final.ckpt"))
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def build(cfg: DictConfig):
@@ -152,7 +251,7 @@ def build(cfg: DictConfig):
     import lightning as L
 
     from memtl.backbones import load_model, load_tokenizer, max_positions
-    from memtl.callbacks import MemoryMonitor
+    from memtl.callbacks import MemoryMonitor, NonFiniteGuard
     from memtl.data import GlueDataModule, get_task
     from memtl.methods import apply_method, count_parameters
     from memtl.module import FineTuneModule
@@ -186,6 +285,7 @@ def build(cfg: DictConfig):
 
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()
                  if c is not None and "_target_" in c]
+    callbacks.append(NonFiniteGuard(cfg.guard.nonfinite))
     group = _sweep_group()
     loggers = []
     for lg in (cfg.get("logger") or {}).values():

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from memtl.errors import ConfigError
 
@@ -319,35 +319,89 @@ class Collate:
         return dict(self.pad(items)) | {"labels": labels}
 
 
-class LengthGroupedSampler(Sampler):
+def length_grouped(lengths: torch.Tensor, batch_size: int, generator: torch.Generator, mega: int = 50) -> list[int]:
     """Like HF Trainer's group_by_length: shuffle, cut into mega-batches of 50 batches, sort
     each by length (so a batch pads little), then shuffle the batch order; the longest batch
-    goes first so an out-of-memory shows up at step 1. Yields indices: a DataLoader with the
-    same batch_size cuts them back into exactly these batches (a partial batch stays last).
-    A seeded generator gives a new, reproducible order each epoch (the same on every rank;
-    under DDP Lightning shards it with DistributedSamplerWrapper, rank r taking every W-th
-    index, so each rank's batches stay length-grouped)."""
+    goes first so an out-of-memory shows up at step 1. Returns indices: a DataLoader with the
+    same batch_size cuts them back into exactly these batches (a partial batch stays last)."""
+    bs, g = batch_size, generator
+    perm = torch.randperm(len(lengths), generator=g)
+    # sort each mega-batch longest first, then cut it into batches
+    mega_batches = [mb[torch.argsort(lengths[mb], descending=True, stable=True)] for mb in perm.split(mega * bs)]
+    batches = list(torch.cat(mega_batches).split(bs))
+    tail = [batches.pop()] if len(batches[-1]) < bs else []  # must stay last to keep batch boundaries
+    batches = [batches[i] for i in torch.randperm(len(batches), generator=g)]
+    if batches:
+        longest = max(range(len(batches)), key=lambda i: lengths[batches[i]].max().item())
+        batches.insert(0, batches.pop(longest))
+    return torch.cat(batches + tail).tolist()
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, mega: int = 50):
-        self.lengths, self.batch_size, self.mega = torch.tensor(lengths), batch_size, mega
-        self.generator = torch.Generator().manual_seed(seed)
 
-    def __len__(self):
-        return len(self.lengths)
+class TrainSampler(DistributedSampler):
+    """The training order, a pure function of (seed, epoch): a seeded permutation (or the
+    length-grouped order) per epoch, so a run resumed mid-epoch replays the same order and
+    skips the batches it already trained on (``skip``, set by ``ResumableLoader``).
+
+    Under DDP every rank draws the same order and takes every W-th index (padded to equal
+    length like DistributedSampler); being a DistributedSampler, Lightning leaves it as is
+    and calls ``set_epoch``. With group_by_length the groups are W*batch_size long, so each
+    rank's batch comes from one group."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, lengths: list[int] | None = None, mega: int = 50,
+                 num_replicas: int | None = None, rank: int | None = None):
+        dist = torch.distributed
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if rank is None:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.batch_size, self.mega = batch_size, mega
+        self.lengths = None if lengths is None else torch.as_tensor(lengths)
+        self.skip: tuple[int, int] | None = None  # (epoch, batches already trained on in it)
+
+    def order(self, epoch: int) -> list[int]:
+        """All ranks' indices for one epoch, before sharding."""
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        if self.lengths is not None:
+            idx = length_grouped(self.lengths, self.batch_size * self.num_replicas, g, self.mega)
+        else:
+            idx = torch.randperm(len(self.dataset), generator=g).tolist()
+        while len(idx) < self.total_size:  # equal length on every rank (DistributedSampler's padding)
+            idx += idx[: self.total_size - len(idx)]
+        return idx
 
     def __iter__(self):
-        bs, g = self.batch_size, self.generator
-        perm = torch.randperm(len(self.lengths), generator=g)
-        # sort each mega-batch longest first, then cut it into batches
-        mega = [mb[torch.argsort(self.lengths[mb], descending=True, stable=True)]
-                for mb in perm.split(self.mega * bs)]
-        batches = list(torch.cat(mega).split(bs))
-        tail = [batches.pop()] if len(batches[-1]) < bs else []  # must stay last to keep batch boundaries
-        batches = [batches[i] for i in torch.randperm(len(batches), generator=g)]
-        if batches:
-            longest = max(range(len(batches)), key=lambda i: self.lengths[batches[i]].max().item())
-            batches.insert(0, batches.pop(longest))
-        yield from torch.cat(batches + tail).tolist()
+        mine = self.order(self.epoch)[self.rank: self.total_size: self.num_replicas]
+        skip, self.skip = self.skip, None
+        if skip is not None and skip[0] == self.epoch:
+            mine = mine[skip[1] * self.batch_size:]
+        return iter(mine)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader Lightning checkpoints mid-epoch (it calls ``state_dict`` when saving and
+    ``load_state_dict`` on resume): the state is how many batches of which epoch were drawn,
+    and the sampler then skips those batches' indices (no data is loaded for them)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._drawn = 0
+
+    def __iter__(self):
+        skip = self.sampler.skip
+        self._drawn = skip[1] if skip is not None and skip[0] == self.sampler.epoch else 0
+        for batch in super().__iter__():
+            self._drawn += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "batches": self._drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        # Lightning sets the sampler's epoch after this; the skip applies to that epoch only
+        # (a checkpoint taken after an epoch's last batch resumes with the next epoch)
+        if state["batches"] < len(self):
+            self.sampler.skip = (state["epoch"], state["batches"])
 
 
 # -----------------------------------------------------------------------------
@@ -540,18 +594,18 @@ class GlueDataModule(L.LightningDataModule):
                  source.path or "the hub")
         return ds
 
-    def _loader(self, ds, batch_size, **kw) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, collate_fn=self.collate, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, **kw)
+    def _loader(self, ds, batch_size, cls=DataLoader, **kw) -> DataLoader:
+        # an own generator: creating a loader's iterator draws a seed from it, and must not
+        # draw from the global RNG (dropout's), or evaluations would shift the dropout masks
+        return cls(ds, batch_size=batch_size, collate_fn=self.collate, num_workers=self.num_workers,
+                   persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed), **kw)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             self.setup("fit")
-        if self.group_by_length:
-            sampler = LengthGroupedSampler(self.train_set.lengths, self.batch_size, self.seed)
-            return self._loader(self.train_set, self.batch_size, sampler=sampler)
-        g = torch.Generator().manual_seed(self.seed)
-        return self._loader(self.train_set, self.batch_size, shuffle=True, generator=g)
+        lengths = self.train_set.lengths if self.group_by_length else None
+        sampler = TrainSampler(self.train_set, self.batch_size, self.seed, lengths=lengths)
+        return self._loader(self.train_set, self.batch_size, sampler=sampler, cls=ResumableLoader)
 
     def val_dataloader(self) -> list[DataLoader]:
         if self.eval_sets is None:
