@@ -6,6 +6,7 @@ The correctness oracle is ``num_rev_layers=0``: the same maths through plain aut
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -389,3 +390,16 @@ def test_recon_command_prints_a_table(capsys, tmp_path):
     assert 0 <= rows[0]["top_rel"] and rows[0]["bottom_rel"] <= rows[0]["worst_rel"]
     assert "bottom layer" in capsys.readouterr().out
     assert main(["--variants", "meft9"]) == 2
+
+
+def test_gradcheck_command_table(tmp_path, capsys):
+    from memtl.cli import main as cli_main
+
+    out = tmp_path / "gradcheck.json"
+    assert cli_main(["gradcheck", "--skip-minilm", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert {(r["variant"], r["backbone"]) for r in rows} == {
+        (v, f"tiny {a}") for v in ("meft1", "meft2", "meft3") for a in ("bert", "roberta")}
+    for r in rows:
+        assert max(r["all layers"], r["2 of 4 layers"], r["dropout 0.1"]) <= 1e-8, r
+    assert "reversible vs plain autograd" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
     memtl bench [--geometry ...]     side-by-side memory/speed benchmark (python -m memtl.bench)
     memtl recon [--layers 6,12,24]   MEFT reconstruction error vs depth and precision
+    memtl gradcheck                  MEFT reversible gradients vs plain autograd (the exactness table)
     memtl estimate [--backbone ...]  predicted peak memory per method, and whether it fits a budget
     memtl report <runs folder>       paper-style table, memory table and Pareto plot of a sweep
 """
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = {"bench": "memtl.bench", "recon": "memtl.methods.meft.diagnostics", "estimate": "memtl.estimate",
+COMMANDS = {"bench": "memtl.bench", "recon": "memtl.methods.meft.diagnostics",
+            "gradcheck": "memtl.methods.meft.gradcheck", "estimate": "memtl.estimate",
             "report": "memtl.report"}
 
 
