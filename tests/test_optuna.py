@@ -58,7 +58,7 @@ def test_best_is_the_best_trials_lr_and_value(study):
     assert best.best_params["optim.lr"] in [r["config"]["optim"]["lr"] for r in runs
                                            if r["best"]["value"] == pytest.approx(best.best_value)]
     # the SQLite study holds every trial: value = the run's best dev value, the broken one failed
-    trials = optuna.load_study(study_name="optuna_lr", storage=f"sqlite:///{study}.db").trials
+    trials = optuna.load_study(study_name="optuna_lr-full-rte", storage=f"sqlite:///{study}.db").trials
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
     assert [trials[0].value, trials[2].value] == pytest.approx([r["best"]["value"] for r in runs])
     assert [trials[0].params["optim.lr"], trials[2].params["optim.lr"]] == [r["config"]["optim"]["lr"] for r in runs]
