@@ -2,6 +2,7 @@
 
     python train.py method=lora task=glue/rte          # one run
     python train.py -m method=full,lora task=glue/rte  # a sweep
+    python train.py -m +sweep=optuna_lr method=lora    # an Optuna search of the lr (sweeps/README.md)
     python train.py --help                             # groups and options
 """
 import os
@@ -19,7 +20,7 @@ CONF = Path(__file__).resolve().parent / "conf"
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    from memtl.run import run
+    from memtl.run import objective, run
 
     try:
         results = run(cfg)
@@ -29,8 +30,7 @@ def main(cfg: DictConfig) -> float | None:
     except RunError as e:  # a NaN loss, SIGTERM ...: results.json says failed/interrupted, with the same line
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    best = results.get("best") or {}
-    return best.get("value")  # what an Optuna sweeper would optimise
+    return objective(results)  # what an Optuna sweep maximises (sweeps/optuna_lr.yaml)
 
 
 if __name__ == "__main__":

@@ -88,3 +88,16 @@ class DumpFirstStep(L.Callback):
             self.dirpath.mkdir(parents=True, exist_ok=True)
             torch.save({"grads": self.grads, "weights": weights, "batch": batch["labels"].numel(),
                         "world": trainer.world_size}, self.dirpath / f"rank{trainer.global_rank}.pt")
+
+
+class FailInJob(L.Callback):
+    """Breaks only job ``num`` of a Hydra multirun (a failed trial amid good ones)."""
+
+    def __init__(self, num: int = 1):
+        self.num = num
+
+    def on_train_start(self, trainer, pl_module):
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.get().job.num == self.num:
+            raise RuntimeError(f"planned failure in job {self.num}")

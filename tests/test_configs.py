@@ -6,6 +6,7 @@ import pytest
 from conftest import REPO
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import IntervalSweep
 from omegaconf import OmegaConf
 
 from memtl.data import get_task
@@ -51,7 +52,12 @@ def sweep_params(path: Path) -> dict:
 
 
 def sweep_grid(path: Path) -> list[list[str]]:
-    axes = [[f"{k}={v}" for v in str(vals).split(",")] for k, vals in sweep_params(path).items()]
+    """Every combination of the grid's values; an Optuna search range (``interval(lo, hi)``) adds its two ends."""
+    axes = []
+    for k, vals in sweep_params(path).items():
+        value = OverridesParser.create().parse_override(f"{k}={vals}").value()
+        ends = [value.start, value.end] if isinstance(value, IntervalSweep) else None
+        axes.append([f"{k}={v}" for v in (ends or str(vals).split(","))])
     return [list(c) for c in itertools.product(*axes)]
 
 

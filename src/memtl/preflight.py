@@ -3,7 +3,7 @@
 Hydra's own errors are correct but span many lines (search paths, stack-trace hints);
 this composes the same config first and reports the first problem in one line that names
 the key and the fix. Sweeps (``-m a=1,2``) are checked on every group choice and on the
-first combination of values.
+first combination of values (an Optuna ``interval(lo, hi)``: on ``lo``).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ def preflight(argv: list[str], conf_dir: Path, config_name: str = "train") -> No
         return  # help / info / cfg printing: Hydra's business
     overrides = [a for a in argv if not a.startswith("-")]
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import IntervalSweep
     from hydra.errors import OverrideParseException
 
     try:
@@ -34,7 +35,10 @@ def preflight(argv: list[str], conf_dir: Path, config_name: str = "train") -> No
         key = o.key_or_group
         if key == "hydra" or key.startswith(("hydra.", "hydra/")):
             continue
-        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        if isinstance(o.value(), IntervalSweep):  # an Optuna search space: check its lower end
+            values = [str(o.value().start)]
+        else:
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
         group_dir = conf_dir / key
         if group_dir.is_dir() and not o.is_delete():
             choices = sorted(str(p.relative_to(group_dir).with_suffix("")) for p in group_dir.rglob("*.yaml"))
@@ -51,7 +55,10 @@ def preflight(argv: list[str], conf_dir: Path, config_name: str = "train") -> No
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
             cfg = compose(config_name, overrides=first)
     except Exception as e:  # Hydra/OmegaConf composition errors: same text, one line
-        raise ConfigError(_unknown_key(str(e), first, conf_dir, config_name) or _one_line(str(e))) from None
+        message = _unknown_key(str(e), first, conf_dir, config_name) or _one_line(str(e))
+        if "Could not find 'hydra/sweeper/optuna" in message:
+            message += " (the Optuna sweeper is an optional extra: pip install -e '.[optuna]')"
+        raise ConfigError(message) from None
 
     from memtl.run import validate
 

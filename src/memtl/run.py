@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 import traceback
@@ -148,6 +149,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             _log_summary(trainer, results)
         write_results(output_dir, results)
     return results
+
+
+def objective(results: dict[str, Any]) -> float | None:
+    """A run's value for a sweeper: its best dev value of the main metric.
+
+    None when there is none or it is not finite: hydra-optuna-sweeper records a failed trial
+    and goes on (on a NaN it crashes the whole study). A run that breaks raises in ``run``,
+    which the sweeper records as a failed trial too.
+    """
+    value = (results.get("best") or {}).get("value")
+    return float(value) if value is not None and math.isfinite(value) else None
 
 
 def d_protocol(cfg: DictConfig) -> str:
