@@ -401,5 +401,41 @@ def test_gradcheck_command_table(tmp_path, capsys):
     assert {(r["variant"], r["backbone"]) for r in rows} == {
         (v, f"tiny {a}") for v in ("meft1", "meft2", "meft3") for a in ("bert", "roberta")}
     for r in rows:
-        assert max(r["all layers"], r["2 of 4 layers"], r["dropout 0.1"]) <= 1e-8, r
+        assert max(r["all layers"], r["2 of 4 layers"], r["dropout 0.1"], r["anchor every 2"]) <= 1e-8, r
     assert "reversible vs plain autograd" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_anchored_segments_are_exact_and_keep_two_streams_each(variant):
+    model = tiny_model("bert", variant, dropout=0.1, adapter_dropout=0.1).train()
+    plain = set_num_rev(copy.deepcopy(model), 0)
+    batch = make_batch()
+    torch.manual_seed(5)
+    reference = trainable_grads(plain, batch)
+    for k in (1, 3):  # 4 layers: segments of 1 and of 3 + 1
+        encoder(model).anchor_every = k
+        torch.manual_seed(5)
+        assert max_rel_err(trainable_grads(model, batch), reference) <= 1e-8, k
+
+    def saved(k):
+        encoder(model).anchor_every = k
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += 0 if isinstance(t, torch.nn.Parameter) else t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(**batch).loss
+        loss.backward()
+        return total
+
+    stream = 4 * 9 * HIDDEN * 8  # one float64 stream of the batch
+    assert saved(2) - saved(None) == 2 * stream  # one more segment: its two output streams
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True])
+def test_anchor_every_must_be_a_positive_integer(value):
+    with pytest.raises(ConfigError, match="method.anchor_every"):
+        tiny_model("bert", "meft1", anchor_every=value)

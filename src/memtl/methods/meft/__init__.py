@@ -28,6 +28,9 @@ Options (shared by the three names; ``None`` picks the variant's default):
   λ/β at every layer, so stream rounding errors grow ~1/λ per layer going down; wider
   streams make the reversible gradients closer to exact for 2× the (depth-independent)
   stream memory. Check with ``diagnostics.reconstruction_errors``.
+- ``anchor_every``: keep the exact streams every k reversible layers (each segment of k
+  layers is its own reversible Function), so reconstruction error grows over k layers,
+  not the whole depth, for two streams of memory per segment; ``None`` = never (the paper).
 - ``gradient_checkpointing``: must stay false (the reversible backward already recomputes).
 """
 from __future__ import annotations
@@ -64,6 +67,7 @@ class MeftOptions:
     lam: float | None = None  # None: the variant's default
     beta: float | None = None
     stream_dtype: str | None = None  # None: the model's dtype; "float64": more exact inverse
+    anchor_every: int | None = None  # None: one reversible segment (paper); k: exact streams kept every k layers
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
@@ -90,6 +94,11 @@ class MeftOptions:
         if self.stream_dtype not in STREAM_DTYPES:
             raise ConfigError(f"method.stream_dtype={self.stream_dtype!r}: choose float32 or float64, "
                               "or null for the model's dtype")
+        if self.anchor_every is not None and (
+            not isinstance(self.anchor_every, int) or isinstance(self.anchor_every, bool) or self.anchor_every < 1
+        ):
+            raise ConfigError(f"method.anchor_every={self.anchor_every}: must be an integer >= 1 (keep the exact "
+                              "streams every k reversible layers), or null for never")
         if self.gradient_checkpointing:
             raise ConfigError("method.gradient_checkpointing=true: MEFT's reversible backward already recomputes "
                               "activations and cannot be combined with checkpointing; set it to false")
@@ -106,7 +115,8 @@ def apply_meft(model: nn.Module, opts: MeftOptions, variant: str) -> nn.Module:
 
     model.requires_grad_(False)  # everything pre-trained is frozen ...
     backbone = install(model, v, lam, beta, opts.num_rev_layers, opts.bottleneck, opts.adapter_activation,
-                       opts.adapter_dropout, opts.adapter_layernorm, STREAM_DTYPES[opts.stream_dtype])
+                       opts.adapter_dropout, opts.adapter_layernorm, STREAM_DTYPES[opts.stream_dtype],
+                       opts.anchor_every)
     for m in model.modules():  # ... except the adapters ...
         if isinstance(m, Adapter):
             m.requires_grad_(True)

@@ -66,26 +66,29 @@ class MeftEncoder(nn.Module):
     """Drop-in for ``BertEncoder``: two streams from the embedding output, reversible
     stack, then the streams' average feeds the rest of the model (pooler, head)."""
 
-    def __init__(self, layers: list[BertMeftLayer], num_rev_layers: int, stream_dtype: torch.dtype | None = None):
+    def __init__(self, layers: list[BertMeftLayer], num_rev_layers: int, stream_dtype: torch.dtype | None = None,
+                 anchor_every: int | None = None):
         super().__init__()
         self.layer = nn.ModuleList(layers)
         # public: tests and experiments may switch these (num_rev_layers=0: plain autograd, same maths)
         self.num_rev_layers = num_rev_layers
         self.stream_dtype = stream_dtype
+        self.anchor_every = anchor_every
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, past_key_values=None, use_cache=None, **kwargs):
         if encoder_hidden_states is not None:
             raise ValueError("MEFT encoder: cross-attention (encoder_hidden_states) is not supported")
         x1, x2 = reversible_stack(hidden_states, hidden_states, self.layer, context=(attention_mask,),
-                                  num_rev=self.num_rev_layers, stream_dtype=self.stream_dtype)
+                                  num_rev=self.num_rev_layers, stream_dtype=self.stream_dtype,
+                                  anchor_every=self.anchor_every)
         h = ((x1 + x2) / 2).to(hidden_states.dtype)  # back to the model's dtype for the head
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h)
 
 
 def install(model: nn.Module, variant: Variant, lam: float, beta: float, num_rev_layers: int | None,
             bottleneck: int, activation: str, dropout: float | None, adapter_layernorm: bool,
-            stream_dtype: torch.dtype | None = None) -> nn.Module:
+            stream_dtype: torch.dtype | None = None, anchor_every: int | None = None) -> nn.Module:
     """Swap the encoder of a BERT-family model for a MEFT encoder; returns the backbone."""
     config = model.config
     backbone, layers = encoder_layers(model, variant.name, "MEFT", MeftEncoder)
@@ -107,5 +110,5 @@ def install(model: nn.Module, variant: Variant, lam: float, beta: float, num_rev
         )
         for layer in layers
     ]
-    backbone.encoder = MeftEncoder(new_layers, num_rev_layers=k, stream_dtype=stream_dtype)
+    backbone.encoder = MeftEncoder(new_layers, num_rev_layers=k, stream_dtype=stream_dtype, anchor_every=anchor_every)
     return backbone

@@ -208,9 +208,15 @@ class _ReversibleStack(torch.autograd.Function):
 
 
 def reversible_stack(x1: Tensor, x2: Tensor, layers: Sequence[nn.Module], context: Sequence[Any] = (),
-                     num_rev: int | None = None, stream_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+                     num_rev: int | None = None, stream_dtype: torch.dtype | None = None,
+                     anchor_every: int | None = None) -> tuple[Tensor, Tensor]:
     """Run ``layers`` on the two streams; the first ``num_rev`` (None: all) with the
     reversible backward, the rest with plain autograd. Returns the final streams.
+
+    ``anchor_every`` = k splits the reversible layers into segments of k, each its own
+    ``_ReversibleStack``: each keeps its exact output streams, so reconstruction restarts
+    from exact values every k layers and rounding error grows over k layers, not the
+    whole depth - for two streams of memory per segment (None: one segment, the paper).
 
     ``stream_dtype`` (e.g. float64) keeps the two streams in a higher precision than F
     and G compute in. The inverse divides by lam (and beta) at every layer, so rounding
@@ -230,13 +236,12 @@ def reversible_stack(x1: Tensor, x2: Tensor, layers: Sequence[nn.Module], contex
     rev, plain = layers[:num_rev], layers[num_rev:]
     context = tuple(context)
 
-    if rev and torch.is_grad_enabled():
-        params = trainable_parameters(rev)
-        if params or x1.requires_grad or x2.requires_grad:
-            x1, x2 = _ReversibleStack.apply(x1, x2, rev, context, compute_dtype, *params)
-        else:  # nothing to differentiate: a plain forward records nothing either
-            plain = layers
-    else:
+    if rev and torch.is_grad_enabled() and (trainable_parameters(rev) or x1.requires_grad or x2.requires_grad):
+        k = anchor_every or len(rev)
+        for start in range(0, len(rev), k):
+            segment = rev[start:start + k]
+            x1, x2 = _ReversibleStack.apply(x1, x2, segment, context, compute_dtype, *trainable_parameters(segment))
+    else:  # no grad (eval), or nothing to differentiate: a plain forward records nothing either
         plain = layers
     for layer in plain:
         x1, x2 = layer_forward(layer, x1, x2, context, compute_dtype=compute_dtype)

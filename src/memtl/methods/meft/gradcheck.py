@@ -8,7 +8,8 @@ as the worst relative error over parameters (‖g_rev − g_plain‖ / ‖g_plai
   batch: all layers reversible, and 2 of 4 (partial); with dropout on (0.1, same seed,
   so the recompute must replay the forward's masks);
 * the pre-trained MiniLM (6 layers) in float32, dropout off — what training here gets —
-  and with ``stream_dtype=float64``.
+  and with ``stream_dtype=float64`` or ``anchor_every`` = 2 / 1 (exact streams kept
+  every 2 layers / every layer).
 
     memtl gradcheck                    # all of it (~1 min on CPU)
     memtl gradcheck --skip-minilm      # the float64 oracle only
@@ -87,13 +88,15 @@ def table(include_minilm: bool = True) -> list[dict]:
             row["all layers"] = rev_vs_plain(tiny_model(arch, variant, 0.0), batch, None)
             row["2 of 4 layers"] = rev_vs_plain(tiny_model(arch, variant, 0.0), batch, 2)
             row["dropout 0.1"] = rev_vs_plain(tiny_model(arch, variant, 0.1, adapter_dropout=0.1), batch, None)
+            row["anchor every 2"] = rev_vs_plain(tiny_model(arch, variant, 0.0, anchor_every=2), batch, None)
             rows.append(row)
     if include_minilm:
         from memtl.bench import build_model, make_batch
 
         for variant in VARIANTS:
             row = {"variant": variant, "backbone": "MiniLM (6 layers)", "dtype": "float32"}
-            for label, opts in (("all layers", {}), ("stream float64", {"stream_dtype": "float64"})):
+            for label, opts in (("all layers", {}), ("stream float64", {"stream_dtype": "float64"}),
+                                ("anchor every 2", {"anchor_every": 2}), ("anchor every 1", {"anchor_every": 1})):
                 model = apply_method(build_model("minilm", None, 0), variant, **opts)
                 model.eval()  # dropout off: the error of the arithmetic alone
                 batch = make_batch(model.config.vocab_size, 4, 128, 0, "cpu")
@@ -108,7 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
     rows = table(include_minilm=not args.skip_minilm)
-    cols = ["all layers", "2 of 4 layers", "dropout 0.1", "stream float64"]
+    cols = ["all layers", "2 of 4 layers", "dropout 0.1", "stream float64", "anchor every 2", "anchor every 1"]
     print(f"{'variant':8} {'backbone':18} {'dtype':8} " + " ".join(f"{c:>14}" for c in cols))
     for r in rows:
         print(f"{r['variant']:8} {r['backbone']:18} {r['dtype']:8} "
