@@ -439,3 +439,40 @@ def test_anchored_segments_are_exact_and_keep_two_streams_each(variant):
 def test_anchor_every_must_be_a_positive_integer(value):
     with pytest.raises(ConfigError, match="method.anchor_every"):
         tiny_model("bert", "meft1", anchor_every=value)
+
+
+def test_reconstruction_restarts_at_anchors():
+    model = tiny_model("bert", "meft3", dtype=torch.float32)
+    batch = make_batch()
+    chained = reconstruction_report(model, batch)
+    encoder(model).anchor_every = 1
+    anchored = reconstruction_report(model, batch)
+    # every layer is now inverted from exact outputs: its error is one layer's, not the chain's
+    assert max(r["rel"] for r in anchored) < 1e-3 * max(r["rel"] for r in chained)
+
+
+def test_bf16_monitor_switches_the_stack_to_float32():
+    from types import SimpleNamespace
+
+    model = tiny_model("bert", "meft1", dtype=torch.float32)
+    batch = make_batch()
+    module = _StubModule(model)
+    trainer = SimpleNamespace(global_step=2, precision="bf16-mixed",
+                              precision_plugin=SimpleNamespace(
+                                  forward_context=lambda: torch.autocast("cpu", dtype=torch.bfloat16)))
+    monitor = ReconstructionErrorMonitor(every_n_steps=1, threshold=1e-3, on_threshold="fp32")
+    with pytest.warns(RuntimeWarning, match="now runs in float32"):
+        monitor.on_train_batch_end(trainer, module, None, batch, 0)
+    bf16_err = module.logged["meft/recon_err_rel_max"]
+    assert encoder(model).fp32_stack and monitor.switched_at == 2
+    trainer.global_step = 3
+    monitor.on_train_batch_end(trainer, module, None, batch, 0)  # measured again, now in float32
+    assert module.logged["meft/fp32_stack"] == 1.0
+    assert module.logged["meft/recon_err_rel_max"] < 0.1 * bf16_err  # measured: 0.019 -> 4.7e-4
+    # training under bf16 autocast still works, with float32 streams
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**batch)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="on_threshold"):
+        ReconstructionErrorMonitor(on_threshold="nope")

@@ -35,6 +35,10 @@ METHOD_SPECS = {
     "meft1": ("meft1", {}),
     "meft2": ("meft2", {}),
     "meft3": ("meft3", {}),
+    # exact streams kept every 2 layers: fp32-accurate gradients for a little memory
+    "meft1+anchor2": ("meft1", {"anchor_every": 2}),
+    "meft2+anchor2": ("meft2", {"anchor_every": 2}),
+    "meft3+anchor2": ("meft3", {"anchor_every": 2}),
     "sherl": ("sherl", {}),
     "sherl+ckpt": ("sherl", {"gradient_checkpointing": True}),
 }

@@ -13,6 +13,8 @@ returns an empty tuple. ``output_attentions`` still works with ``attn_implementa
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
@@ -74,16 +76,27 @@ class MeftEncoder(nn.Module):
         self.num_rev_layers = num_rev_layers
         self.stream_dtype = stream_dtype
         self.anchor_every = anchor_every
+        # set by ReconstructionErrorMonitor(on_threshold="fp32"): run the whole reversible
+        # stack in float32 under bf16 autocast (forward and recompute alike, so the inverse
+        # stays consistent); the rest of the model keeps the autocast precision
+        self.fp32_stack = False
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, past_key_values=None, use_cache=None, **kwargs):
         if encoder_hidden_states is not None:
             raise ValueError("MEFT encoder: cross-attention (encoder_hidden_states) is not supported")
-        x1, x2 = reversible_stack(hidden_states, hidden_states, self.layer, context=(attention_mask,),
-                                  num_rev=self.num_rev_layers, stream_dtype=self.stream_dtype,
-                                  anchor_every=self.anchor_every)
+        with self.precision_context(hidden_states):
+            h0 = hidden_states.float() if self.fp32_stack else hidden_states
+            x1, x2 = reversible_stack(h0, h0, self.layer, context=(attention_mask,),
+                                      num_rev=self.num_rev_layers, stream_dtype=self.stream_dtype,
+                                      anchor_every=self.anchor_every)
         h = ((x1 + x2) / 2).to(hidden_states.dtype)  # back to the model's dtype for the head
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h)
+
+
+    def precision_context(self, x: torch.Tensor):
+        """autocast off for the stack when ``fp32_stack`` is set, else nothing."""
+        return torch.autocast(x.device.type, enabled=False) if self.fp32_stack else contextlib.nullcontext()
 
 
 def install(model: nn.Module, variant: Variant, lam: float, beta: float, num_rev_layers: int | None,

@@ -48,7 +48,15 @@ def _owner_model(module: nn.Module) -> nn.Module:
 @torch.no_grad()
 def encoder_reconstruction(encoder: MeftEncoder, hidden_states: torch.Tensor, attention_mask=None) -> list[dict]:
     """Per reversible layer (bottom first): max abs and relative error of the reconstructed inputs."""
+    with encoder.precision_context(hidden_states):
+        if encoder.fp32_stack:
+            hidden_states = hidden_states.float()
+        return _reconstruction(encoder, hidden_states, attention_mask)
+
+
+def _reconstruction(encoder: MeftEncoder, hidden_states: torch.Tensor, attention_mask=None) -> list[dict]:
     layers = list(encoder.layer)[: encoder.num_rev_layers]
+    anchor = encoder.anchor_every or max(len(layers), 1)
     context = (attention_mask,)
     # same precision arrangement as the encoder's forward (see reversible_stack)
     cdt = None
@@ -60,8 +68,11 @@ def encoder_reconstruction(encoder: MeftEncoder, hidden_states: torch.Tensor, at
         inputs.append((x1, x2))
         (x1, x2), rng = layer_forward(layer, x1, x2, context, record_rng=True, compute_dtype=cdt)
         rngs.append(rng)
+    inputs.append((x1, x2))
     report = [None] * len(layers)
     for i in reversed(range(len(layers))):
+        if (i + 1) % anchor == 0:  # the top of a segment starts from the exact streams it keeps
+            x1, x2 = inputs[i + 1]
         x1, x2 = layer_inverse(layers[i], x1, x2, context, rngs[i], compute_dtype=cdt)
         t1, t2 = inputs[i]
         err = max((x1 - t1).abs().max().item(), (x2 - t2).abs().max().item())
@@ -96,19 +107,33 @@ def reconstruction_errors(model: nn.Module, batch: Mapping[str, Any]) -> list[fl
     return [r["max_abs"] for r in reconstruction_report(model, batch)]
 
 
+def _autocast_training(trainer) -> bool:
+    """Does the trainer train under a reduced-precision autocast (bf16-mixed, 16-mixed)?"""
+    return "mixed" in str(getattr(trainer, "precision", ""))
+
+
 class ReconstructionErrorMonitor(Callback):
     """Every ``every_n_steps`` training steps, measure reconstruction error on the current
     batch; log ``meft/recon_err_max`` (+ ``meft/recon_err_rel_max`` and per layer
     ``meft/recon_err/layer_<i>``) and warn when the relative error exceeds ``threshold``.
 
+    ``on_threshold="fp32"``: under a mixed-precision (bf16) run, the first time the error
+    exceeds ``threshold`` the reversible stack switches to float32 for the rest of the run
+    (``MeftEncoder.fp32_stack``; logged as ``meft/fp32_stack``).
+
     Costs one extra forward (+ inverse) on the steps it runs. Batches must be dicts of
     model inputs (``input_ids``, ``attention_mask``, ...).
     """
 
-    def __init__(self, every_n_steps: int = 100, threshold: float = 1e-2, per_layer: bool = True):
+    def __init__(self, every_n_steps: int = 100, threshold: float = 1e-2, per_layer: bool = True,
+                 on_threshold: str = "warn"):
         super().__init__()
         if every_n_steps < 1:
             raise ValueError("every_n_steps must be >= 1")
+        if on_threshold not in ("warn", "fp32"):
+            raise ValueError(f"on_threshold={on_threshold!r}: choose warn or fp32")
+        self.on_threshold = on_threshold
+        self.switched_at: int | None = None  # global step of the switch to a float32 stack
         self.every_n_steps = every_n_steps
         self.threshold = threshold
         self.per_layer = per_layer
@@ -132,7 +157,16 @@ class ReconstructionErrorMonitor(Callback):
         if self.per_layer:
             for r in report:
                 pl_module.log(f"meft/recon_err/layer_{r['layer']}", r["max_abs"])
-        if worst_rel > self.threshold:
+        encoder = find_meft_encoder(pl_module)
+        pl_module.log("meft/fp32_stack", float(encoder.fp32_stack))
+        if (worst_rel > self.threshold and self.on_threshold == "fp32" and not encoder.fp32_stack
+                and _autocast_training(trainer)):
+            encoder.fp32_stack = True
+            self.switched_at = trainer.global_step
+            warnings.warn(f"MEFT reconstruction error {worst_rel:.3g} (relative) > {self.threshold:g} at step "
+                          f"{trainer.global_step} under {trainer.precision}: the reversible stack now runs in "
+                          "float32 (forward and recompute) for the rest of the run", RuntimeWarning, stacklevel=2)
+        elif worst_rel > self.threshold:
             msg = (f"MEFT reconstruction error {worst_rel:.3g} (relative) > {self.threshold:g} at step "
                    f"{trainer.global_step}: gradients are inexact; use higher precision, larger lam/beta "
                    "or fewer reversible layers (method.num_rev_layers)")
