@@ -4,11 +4,12 @@ with hydra/launcher=local (submitit local jobs, each its own process) whose resu
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import hydra_plugins.hydra_submitit_launcher  # noqa: F401  the extra `cluster`: a missing plugin fails here, loudly
 import pytest
-import submitit  # noqa: F401
+import submitit
 from conftest import REPO, run_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -98,3 +99,39 @@ def test_preflight_checks_the_launcher_choice():
     proc = run_cli(["-m", "hydra/launcher=slrum", "method=full"])
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: unknown hydra/launcher 'slrum'")
+
+
+def test_slurm_sbatch_script_asks_for_the_cluster_resources(tmp_path, monkeypatch):
+    """The plugin's own launch() up to the submission: the sbatch script submitit would send
+    (no Slurm here: a stand-in `srun` on PATH passes submitit's check, submission is stopped)."""
+    import hydra
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    submitted = {}
+
+    class Submitted(Exception):
+        pass
+
+    def map_array(self, fn, *args):
+        submitted.update(executor=self, jobs=list(zip(*args)))
+        raise Submitted
+
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", map_array)
+    sweep = tmp_path / "sweep"
+    cfg = hydra_cfg(["hydra/launcher=slurm", "cluster.partition=a100", "cluster.gpus=2", "cluster.time_min=90",
+                     "cluster.mem_gb=32", "cluster.cpus=6", "hydra.launcher.account=proj", "hydra.job.name=train",
+                     f"hydra.sweep.dir={sweep}"])
+    launcher = hydra.utils.instantiate(cfg.hydra.launcher)
+    launcher.setup(hydra_context=None, task_function=None, config=cfg)
+    with pytest.raises(Submitted):
+        launcher.launch([["method=full"], ["method=lora"]], initial_job_idx=0)
+    assert [job[:3] for job in submitted["jobs"]] == [(["method=full"], "hydra.sweep.dir", 0),
+                                                     (["method=lora"], "hydra.sweep.dir", 1)]
+    script = submitted["executor"]._executor._make_submission_file_text("python -u job", "uid")
+    for line in ("--partition=a100", "--gpus-per-node=2", "--time=90", "--mem=32GB", "--cpus-per-task=6",
+                 "--nodes=1", "--ntasks-per-node=1", "--account=proj", "--job-name=train",
+                 f"--output={sweep}/.submitit/%j/%j_0_log.out"):
+        assert f"#SBATCH {line}\n" in script, line
