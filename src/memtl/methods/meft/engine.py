@@ -159,8 +159,12 @@ class _ReversibleStack(torch.autograd.Function):
         # (frozen embeddings): skipping them spares F's backward below its first adapter
         inputs_need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         bottom = ctx.layers[0]
+        in_dtypes = (o1.dtype, o2.dtype)
         for layer, (rng_f, rng_g) in zip(reversed(ctx.layers), reversed(ctx.rng)):
             y1, y2, dy1, dy2 = (o2, o1, do2, do1) if layer.switch else (o1, o2, do1, do2)
+            # drop the loop's references: each stream-sized tensor is freed as soon as this
+            # layer is done with it (the peak is one recompute graph plus these streams)
+            o1 = o2 = do1 = do2 = None
             need_dx = inputs_need_grad or layer is not bottom
             # the parameters that were trainable at forward time (the Function's inputs)
             params = [p for p in layer.parameters() if id(p) in ctx.param_index]
@@ -170,11 +174,13 @@ class _ReversibleStack(torch.autograd.Function):
             with torch.enable_grad(), ctx.autocast.replayed(), rng_g.restored():
                 g = layer.g(y1_in, *ctx.context)
             gy1, *g_grads = torch.autograd.grad(g, [y1_in, *params], dy2.to(g.dtype), allow_unused=True)
+            del y1_in
             dy1 = dy1 + gy1 if gy1 is not None else dy1
-            # 2. reconstruct x2
+            del gy1
+            # 2. reconstruct x2 (y2 is not needed after this)
             with torch.no_grad():
-                x2 = (y2 - g) / layer.beta
-            del g
+                x2 = torch.sub(y2, g).div_(layer.beta)
+            del g, y2
 
             # 3. recompute f = F(x2) with grad; backprop dy1 into F's params and x2
             x2_in = _cast(x2, cdt).detach().requires_grad_(need_dx)
@@ -184,14 +190,22 @@ class _ReversibleStack(torch.autograd.Function):
             f_grads = (list(torch.autograd.grad(f, wrt, dy1.to(f.dtype), allow_unused=True))
                        if f.requires_grad else [None] * len(wrt))
             gx2 = f_grads.pop(0) if need_dx else None
+            del x2_in, wrt
             # 4. reconstruct x1
             with torch.no_grad():
-                x1 = (y1 - f) / layer.lam
-            del f
+                x1 = torch.sub(y1, f).div_(layer.lam)
+            del f, y1
 
-            # 5. input grads
+            # 5. input grads (in place into the fresh gx2 where the dtypes allow)
             dx1 = layer.lam * dy1
-            dx2 = layer.beta * dy2 + gx2 if gx2 is not None else layer.beta * dy2
+            del dy1
+            if gx2 is None:
+                dx2 = layer.beta * dy2
+            elif gx2.dtype == dy2.dtype:
+                dx2 = gx2.add_(dy2, alpha=layer.beta)
+            else:
+                dx2 = layer.beta * dy2 + gx2
+            del gx2, dy2
 
             for p, gf, gg in zip(params, f_grads, g_grads):
                 for part in (gf, gg):
@@ -199,11 +213,13 @@ class _ReversibleStack(torch.autograd.Function):
                         continue
                     i = ctx.param_index[id(p)]
                     grads[i] = part if grads[i] is None else grads[i] + part
+            del f_grads, g_grads
             o1, o2, do1, do2 = x1, x2, dx1, dx2
+            del x1, x2, dx1, dx2
 
         # grads must match each input's dtype (autocast may leave the streams' grads in bf16)
-        dx1 = do1.to(o1.dtype) if ctx.needs_input_grad[0] else None
-        dx2 = do2.to(o2.dtype) if ctx.needs_input_grad[1] else None
+        dx1 = do1.to(in_dtypes[0]) if ctx.needs_input_grad[0] else None
+        dx2 = do2.to(in_dtypes[1]) if ctx.needs_input_grad[1] else None
         return (dx1, dx2, None, None, None, *grads)
 
 
