@@ -143,7 +143,8 @@ CASES = [
     # train.py, found when the data is read (the run folder exists: its earlier results are kept)
     ("train", ["data.root={d}/data"], header_only, "RTE/train.tsv: empty file (no data rows)", 2),
     ("train", ["data.root={d}/data"], wrong_columns,
-     "RTE/train.tsv:1: header ['index', 'premise', 'hypothesis', 'label'] lacks column(s) ['sentence1', 'sentence2']", 2),
+     "RTE/train.tsv:1: header ['index', 'premise', 'hypothesis', 'label'] lacks column(s) "
+     "['sentence1', 'sentence2']", 2),
     ("train", ["data.root={d}/data"], bad_label,
      "RTE/train.tsv:4: label 'maybe' is not one of ['entailment', 'not_entailment']", 2),
     ("train", ["data.root={d}/data"], missing_field, "RTE/train.tsv:3: expected 4 tab-separated columns, got 3", 2),

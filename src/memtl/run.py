@@ -47,7 +47,8 @@ def validate(cfg: DictConfig) -> None:
     _check(_is_num(o.eps) and o.eps > 0, f"optim.eps={o.eps}: must be > 0")
     _check(len(o.betas) == 2 and all(_is_num(b) and 0 <= b < 1 for b in o.betas),
            f"optim.betas={list(o.betas)}: two values in [0, 1)")
-    _check(_is_num(o.warmup_ratio) and 0 <= o.warmup_ratio <= 1, f"optim.warmup_ratio={o.warmup_ratio}: must be in [0, 1]")
+    _check(_is_num(o.warmup_ratio) and 0 <= o.warmup_ratio <= 1,
+           f"optim.warmup_ratio={o.warmup_ratio}: must be in [0, 1]")
     ws = o.get("warmup_steps")
     _check(ws is None or _is_int(ws) and ws >= 0, f"optim.warmup_steps={ws}: must be an integer >= 0 (or null)")
     d = cfg.data
