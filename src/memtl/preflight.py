@@ -25,9 +25,6 @@ def preflight(argv: list[str], conf_dir: Path, config_name: str = "train") -> No
         if a.startswith("-") and a not in multirun:
             raise ConfigError(f"unknown option {a}: train.py takes -m (a sweep) and key=value overrides; "
                               "see python train.py --help")
-    m = next((i for i, a in enumerate(argv) if a in multirun), None)
-    if m is not None and m > 0 and m < len(argv) - 1:  # Hydra's argparse takes one run of overrides
-        raise ConfigError(f"{argv[m]} in the middle of the overrides: put it first (python train.py -m key=a,b ...)")
     overrides = [a for a in argv if not a.startswith("-")]
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import IntervalSweep
@@ -71,6 +68,9 @@ def preflight(argv: list[str], conf_dir: Path, config_name: str = "train") -> No
     from memtl.run import validate
 
     validate(cfg)
+    m = next((i for i, a in enumerate(argv) if a in multirun), None)
+    if m is not None and 0 < m < len(argv) - 1:  # Hydra's argparse takes one run of overrides
+        raise ConfigError(f"{argv[m]} in the middle of the overrides: put it first (python train.py -m key=a,b ...)")
     _check_run_dir(parsed, multirun=m is not None)
 
 
