@@ -13,7 +13,6 @@ the ratios hold on a machine other jobs share. Writes bench.json, bench.csv and 
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import gc
 import json
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from memtl.cli import ArgumentParser
 from memtl.memory import StepMemoryMeter, mib
 
 # method spec -> (apply_method name, options)
@@ -205,7 +205,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="memtl bench", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="memtl bench", description=__doc__.split("\n")[0])
     p.add_argument("--geometry", default="minilm", choices=["minilm", *GEOMETRIES],
                    help="minilm: the real pre-trained MiniLM; others: random-init BERT of that shape")
     p.add_argument("--layers", default="", help="comma list of depths (random geometries only), e.g. 6,12,24")
@@ -279,8 +279,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHOD_SPECS]
-    if unknown:
-        print(f"error: unknown method {', '.join(unknown)} in --methods: choose from {', '.join(METHOD_SPECS)}",
+    if unknown or not methods:
+        print(f"error: unknown method {', '.join(unknown) or '(none)'} in --methods: "
+              f"choose from {', '.join(METHOD_SPECS)}",
               file=sys.stderr)
         return 2
     if "full" not in methods:
@@ -295,7 +296,10 @@ def main(argv=None) -> int:
             raise ValueError("--layers needs a random geometry (--geometry minilm-random or bert-base)")
         if args.geometry == "minilm" and max(seq_lens) > 512:
             raise ValueError("--seq-len: MiniLM has 512 positions")
-        device = torch.device(args.device)
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device {args.device}: not a torch device; use cpu, cuda or cuda:<index>") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device here; use --device cpu")
     except (ValueError, RuntimeError) as e:
@@ -305,7 +309,7 @@ def main(argv=None) -> int:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        print(f"error: cannot write --out {out}: {e.strerror}", file=sys.stderr)
+        print(f"error: cannot write --out {out}: {e.strerror}; give --out a folder you can write", file=sys.stderr)
         return 2
 
     from tqdm.auto import tqdm

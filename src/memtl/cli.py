@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import sys
 
 COMMANDS = {"bench": "memtl.bench", "recon": "memtl.methods.meft.diagnostics",
@@ -15,10 +16,36 @@ COMMANDS = {"bench": "memtl.bench", "recon": "memtl.methods.meft.diagnostics",
             "report": "memtl.report"}
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with bad input as one line (``error: ...``, exit 2) instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}: see {self.prog} --help\n")
+
+
+def check_out_file(out: str | None) -> None:
+    """``--out FILE``: its folder must exist and be writable, checked before any work is done."""
+    import os
+    from pathlib import Path
+
+    from memtl.errors import ConfigError
+
+    if out is None:
+        return
+    path = Path(out).expanduser()
+    parent = path.parent
+    if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        why = ("is a folder" if path.is_dir() else f"{parent} is not a folder" if not parent.is_dir()
+               else f"{parent} is not writable")
+        raise ConfigError(f"cannot write --out {out}: {why}; give a file path in a folder you can write")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
+        if not argv:
+            print(f"error: no command given: choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:

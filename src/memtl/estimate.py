@@ -36,7 +36,6 @@ validated on this machine.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -44,6 +43,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
+from memtl.cli import ArgumentParser
 from memtl.errors import ConfigError
 
 MIB = 2**20
@@ -115,7 +115,8 @@ def load_geometry(backbone: str, layers: int | None = None) -> Geometry:
             with open(path) as f:
                 cfg = json.load(f)
         except (OSError, ValueError) as e:
-            raise ConfigError(f"--backbone {backbone}: cannot read a config.json there ({e})") from None
+            raise ConfigError(f"--backbone {backbone}: cannot read a config.json there ({e}); give a model "
+                              "folder holding a valid config.json, a path to one, or a known name") from None
     else:
         cfg = _hub_config(backbone)
     if layers:
@@ -747,7 +748,7 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="memtl estimate", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="memtl estimate", description=__doc__.split("\n")[0])
     p.add_argument("--backbone", default="minilm",
                    help="minilm, bert-base(-uncased), bert-large-uncased, roberta-base, roberta-large, a bench "
                         "geometry (tiny, minilm-random), a path to a config.json, or a hub id in the local cache")
@@ -778,6 +779,8 @@ def _check(args) -> tuple[list[str], list[tuple[int, int]]]:
                       (args.layers is not None and args.layers < 1, "--layers")):
         if bad:
             raise ConfigError(f"{what} must be >= 1")
+    if not args.tolerance >= 0:
+        raise ConfigError(f"--tolerance {args.tolerance}: must be >= 0 (a fraction: 0.15 = 15%)")
     shapes = []
     for s in args.shapes.split(","):
         match = re.fullmatch(r"\s*(\d+)x(\d+)\s*", s)

@@ -20,6 +20,11 @@ PREFIX = {"ADD": "+", "FORCE_ADD": "++", "DEL": "~", "CHANGE": ""}
 def preflight(argv: list[str], conf_dir: Path, config_name: str = "train") -> None:
     if any(a.split("=")[0] in HYDRA_FLAGS for a in argv):
         return  # help / info / cfg printing: Hydra's business
+    multirun = ("-m", "--multirun")
+    for a in argv:
+        if a.startswith("-") and a not in multirun:
+            raise ConfigError(f"unknown option {a}: train.py takes -m (a sweep) and key=value overrides; "
+                              "see python train.py --help")
     overrides = [a for a in argv if not a.startswith("-")]
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import IntervalSweep
@@ -74,6 +79,27 @@ def preflight(argv: list[str], conf_dir: Path, config_name: str = "train") -> No
     from memtl.run import validate
 
     validate(cfg)
+    m = next((i for i, a in enumerate(argv) if a in multirun), None)
+    if m is not None and 0 < m < len(argv) - 1:  # Hydra's argparse takes one run of overrides
+        raise ConfigError(f"{argv[m]} in the middle of the overrides: put it first (python train.py -m key=a,b ...)")
+    _check_run_dir(parsed, multirun=m is not None)
+
+
+def _check_run_dir(parsed, multirun: bool) -> None:
+    """The folder Hydra will create must be creatable: else Hydra fails with a traceback."""
+    import os
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = next((o.get_value_element_as_str() for o in reversed(parsed) if o.key_or_group == key), None)
+    # the default (outputs/..., multirun/...) and an interpolated value: check up to the first ${
+    path = Path((given or ("multirun/x" if multirun else "outputs/x")).split("${")[0] or ".").expanduser()
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        what = "is not a folder" if not parent.is_dir() else "is not writable"
+        raise ConfigError(f"{key}={given or path}: cannot create the run folder ({parent} {what}); "
+                          f"set {key} to a folder you can write")
 
 
 def _hydra_choices(group: str, conf_dir: Path) -> list[str]:

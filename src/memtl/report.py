@@ -22,7 +22,6 @@ by the folder's name); ``WANDB_MODE`` decides online or offline as for training.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from memtl.cli import ArgumentParser
 from memtl.errors import ConfigError
 
 METHOD_ORDER = ["full", "full+ckpt", "lora", "lora+ckpt", "meft1", "meft2", "meft3", "sherl", "sherl+ckpt"]
@@ -254,7 +254,7 @@ def log_to_wandb(report: dict, root: Path, project: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="memtl report", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="memtl report", description=__doc__.split("\n")[0])
     p.add_argument("folder", help="folder of runs (searched recursively for results.json)")
     p.add_argument("--out", default=None, help="output folder (default: <folder>/report)")
     p.add_argument("--scale", type=float, default=100.0, help="multiply metrics by this (100: percent)")
@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"error: cannot write the report to {out}: {e.strerror or e}", file=sys.stderr)
+        print(f"error: cannot write the report to {out}: {e.strerror or e}; give --out a folder you can write",
+              file=sys.stderr)
         return 2
     print((out / "report.md").read_text())
     if args.wandb:

@@ -35,25 +35,39 @@ def method_kwargs(method_cfg: DictConfig) -> dict[str, Any]:
 def validate(cfg: DictConfig) -> None:
     """Cheap checks of values a typo or a wrong sign would spoil; one line per problem."""
     from memtl.data import get_task
+    from memtl.data.glue import check_data_options
     from memtl.methods import method_options
 
     method_options(cfg.method.name, **method_kwargs(cfg.method))
     get_task(cfg.task.name, cfg.task.get("main_metric"))
+    _check(_is_int(cfg.seed), f"seed={cfg.seed}: must be an integer")
     o = cfg.optim
-    _check(o.lr is not None and o.lr > 0, f"optim.lr={o.lr}: the learning rate must be > 0")
-    _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: must be >= 0")
-    _check(o.eps > 0, f"optim.eps={o.eps}: must be > 0")
-    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas={list(o.betas)}: two values in [0, 1)")
-    _check(0 <= o.warmup_ratio <= 1, f"optim.warmup_ratio={o.warmup_ratio}: must be in [0, 1]")
+    _check(_is_num(o.lr) and o.lr > 0, f"optim.lr={o.lr}: the learning rate must be > 0")
+    _check(_is_num(o.weight_decay) and o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: must be >= 0")
+    _check(_is_num(o.eps) and o.eps > 0, f"optim.eps={o.eps}: must be > 0")
+    _check(len(o.betas) == 2 and all(_is_num(b) and 0 <= b < 1 for b in o.betas),
+           f"optim.betas={list(o.betas)}: two values in [0, 1)")
+    _check(_is_num(o.warmup_ratio) and 0 <= o.warmup_ratio <= 1,
+           f"optim.warmup_ratio={o.warmup_ratio}: must be in [0, 1]")
+    ws = o.get("warmup_steps")
+    _check(ws is None or _is_int(ws) and ws >= 0, f"optim.warmup_steps={ws}: must be an integer >= 0 (or null)")
     d = cfg.data
-    _check(d.batch_size >= 1, f"data.batch_size={d.batch_size}: must be >= 1")
+    check_data_options(protocol=d.protocol, split_seed=d.split_seed, max_length=d.max_length,
+                       batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, num_workers=d.num_workers,
+                       max_train_samples=d.max_train_samples, max_eval_samples=d.max_eval_samples)
     _check(d.max_length >= 8, f"data.max_length={d.max_length}: must be >= 8")
     _check(d.root is None or Path(str(d.root)).expanduser().is_dir(),
            f"data.root={d.root} is not a folder: point it at a folder laid out like ../shared/data "
            "(glue_data/<TASK>/train.tsv ...), or null for the default")
-    for key in ("max_train_samples", "max_eval_samples"):
-        v = d.get(key)
-        _check(v is None or v >= 1, f"data.{key}={v}: must be >= 1 (or null for all)")
+    t = cfg.trainer
+    steps, epochs = t.get("max_steps", -1), t.get("max_epochs")
+    _check(_is_int(steps) and (steps >= 1 or steps == -1),
+           f"trainer.max_steps={steps}: must be >= 1, or -1 for no limit (trainer.max_epochs then ends the run)")
+    _check(epochs is None or _is_int(epochs) and (epochs >= 1 or epochs == -1),
+           f"trainer.max_epochs={epochs}: must be >= 1, or -1 for no limit (trainer.max_steps then ends the run)")
+    _check(steps != -1 or epochs != -1,
+           f"trainer.max_epochs={epochs} with trainer.max_steps=-1: the run would never end; "
+           "set trainer.max_epochs>=1 or trainer.max_steps>=1")
     precision = str(cfg.trainer.get("precision", "32"))
     _check(precision in PRECISIONS, f"trainer.precision={precision}: choose one of {', '.join(sorted(PRECISIONS))}")
     _check(cfg.backbone.get("source") in ("package", "hub", "random"),
@@ -63,6 +77,14 @@ def validate(cfg: DictConfig) -> None:
     last = (cfg.get("callbacks") or {}).get("last_checkpoint")
     _check(last is None or last.every_n_steps >= 1,
            f"callbacks.last_checkpoint.every_n_steps={last and last.every_n_steps}: must be >= 1")
+
+
+def _is_num(v) -> bool:  # a number, not a string a typo left (optim.lr=1e-4x) nor a bool
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _check(ok: bool, message: str) -> None:

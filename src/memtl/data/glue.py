@@ -446,6 +446,21 @@ LST_HOLDOUT = 1000
 # the DataModule
 
 
+def check_data_options(protocol: str = "dev", split_seed: int = 42, **sizes) -> None:
+    """The data options a typo spoils, checked before anything is read (``train.py``'s
+    preflight calls this too, so that bad values fail before a run folder exists)."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"data.protocol={protocol!r} is unknown; set data.protocol=dev (select and report "
+                          "on the official dev set) or lst (Ladder Side-Tuning splits)")
+    if not isinstance(split_seed, int) or isinstance(split_seed, bool):
+        raise ConfigError(f"data.split_seed={split_seed!r} is invalid; set it to an integer (LST: 42)")
+    low = {"num_workers": 0}
+    for key, value in sizes.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low.get(key, 1)):
+            raise ConfigError(f"data.{key}={value!r} is invalid; set it to an integer >= {low.get(key, 1)}"
+                              + (" or null" if key.startswith("max_") or key == "eval_batch_size" else ""))
+
+
 class GlueDataModule(L.LightningDataModule):
     """One GLUE task: train split + eval splits (`task.eval_splits` order = Lightning's
     dataloader_idx). max_train_samples / max_eval_samples keep the FIRST N rows of each
@@ -473,17 +488,9 @@ class GlueDataModule(L.LightningDataModule):
                  num_workers: int = 0, seed: int = 42, cache_dir=None, protocol: str = "dev",
                  split_seed: int = 42):
         super().__init__()
-        if protocol not in PROTOCOLS:
-            raise ConfigError(f"data.protocol={protocol!r} is unknown; set data.protocol=dev (select and report "
-                              "on the official dev set) or lst (Ladder Side-Tuning splits)")
-        if not isinstance(split_seed, int) or isinstance(split_seed, bool):
-            raise ConfigError(f"data.split_seed={split_seed!r} is invalid; set it to an integer (LST: 42)")
-        for key, value, low in [("max_length", max_length, 1), ("batch_size", batch_size, 1),
-                                ("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0),
-                                ("max_train_samples", max_train_samples, 1), ("max_eval_samples", max_eval_samples, 1)]:
-            if value is not None and (not isinstance(value, int) or value < low):
-                raise ConfigError(f"data.{key}={value!r} is invalid; set it to an integer >= {low}"
-                                  + (" or null" if key.startswith("max_") or key == "eval_batch_size" else ""))
+        check_data_options(protocol=protocol, split_seed=split_seed, max_length=max_length,
+                           batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                           max_train_samples=max_train_samples, max_eval_samples=max_eval_samples)
         if tokenizer.pad_token is None:
             raise ConfigError("the tokenizer has no pad token, needed for dynamic padding; set one "
                               "(e.g. tokenizer.pad_token = tokenizer.eos_token) when loading the backbone")

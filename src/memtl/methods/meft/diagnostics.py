@@ -204,11 +204,13 @@ def depth_table(variants, depths, precisions, batch_size=4, seq_len=128, seed=0,
 
 
 def main(argv=None) -> int:
-    import argparse
     import json
     import sys
 
-    p = argparse.ArgumentParser(prog="memtl recon", description="MEFT reconstruction error vs depth and precision")
+    from memtl.cli import ArgumentParser, check_out_file
+    from memtl.errors import ConfigError
+
+    p = ArgumentParser(prog="memtl recon", description="MEFT reconstruction error vs depth and precision")
     p.add_argument("--variants", default="meft1,meft2,meft3")
     p.add_argument("--layers", default="6,12,24")
     p.add_argument("--precisions", default="32,bf16-mixed")
@@ -218,15 +220,27 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     bad = [v for v in variants if v not in ("meft1", "meft2", "meft3")]
-    if bad:
-        print(f"error: unknown variant {', '.join(bad)} in --variants: choose from meft1, meft2, meft3", file=sys.stderr)
+    if bad or not variants:
+        print(f"error: unknown variant {', '.join(bad) or '(none)'} in --variants: choose from meft1, meft2, meft3",
+              file=sys.stderr)
         return 2
     precisions = [x for x in args.precisions.split(",") if x]
-    if any(x not in ("32", "bf16-mixed") for x in precisions):
+    if not precisions or any(x not in ("32", "bf16-mixed") for x in precisions):
         print("error: --precisions takes 32 and/or bf16-mixed", file=sys.stderr)
         return 2
-    rows = depth_table(variants, [int(x) for x in args.layers.split(",") if x], precisions, lam=args.lam,
-                       beta=args.beta)
+    try:
+        from memtl.bench import int_list
+
+        depths = int_list(args.layers, "--layers")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        check_out_file(args.out)
+        rows = depth_table(variants, depths, precisions, lam=args.lam, beta=args.beta)
+    except ConfigError as e:  # e.g. --lam 0
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{'variant':8} {'backbone':14} {'L':>3} {'precision':10} {'lam':>5} {'beta':>5} "
           f"{'top layer':>10} {'bottom layer':>12} {'worst':>10}")
     for r in rows:

@@ -16,13 +16,14 @@ as the worst relative error over parameters (‖g_rev − g_plain‖ / ‖g_plai
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
 
 import torch
 
+from memtl.cli import ArgumentParser, check_out_file
+from memtl.errors import ConfigError
 from memtl.methods import apply_method
 
 VARIANTS = ("meft1", "meft2", "meft3")
@@ -106,10 +107,15 @@ def table(include_minilm: bool = True) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="memtl gradcheck", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="memtl gradcheck", description=__doc__.split("\n")[0])
     p.add_argument("--skip-minilm", action="store_true", help="only the float64 tiny-model oracle")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
+    try:
+        check_out_file(args.out)  # before the minutes of computing, not after
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     rows = table(include_minilm=not args.skip_minilm)
     cols = ["all layers", "2 of 4 layers", "dropout 0.1", "stream float64", "anchor every 2", "anchor every 1"]
     print(f"{'variant':8} {'backbone':18} {'dtype':8} " + " ".join(f"{c:>14}" for c in cols))
