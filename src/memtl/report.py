@@ -182,8 +182,9 @@ def plot_pareto(chosen: pd.DataFrame, path: Path, scale: float = 100.0) -> Path 
     for i, (column, g) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         points = [(r.peak_step_mib, scale * r.mean, r.label) for r in g.itertuples()]
-        for mem, score, label in points:
-            ax.scatter(mem, score, s=45, edgecolor="black", linewidth=0.5, zorder=3)
+        for mem, score, label in points:  # one colour per method, the same in every panel
+            color = f"C{METHOD_ORDER.index(label) % 10}" if label in METHOD_ORDER else "gray"
+            ax.scatter(mem, score, s=45, color=color, edgecolor="black", linewidth=0.5, zorder=3)
             ax.annotate(label, (mem, score), textcoords="offset points", xytext=(5, 4), fontsize=8)
         front = pareto_front(points)
         ax.plot([p[0] for p in front], [p[1] for p in front], color="tab:red", linestyle="--", linewidth=1,
@@ -193,7 +194,7 @@ def plot_pareto(chosen: pd.DataFrame, path: Path, scale: float = 100.0) -> Path 
         ax.set_ylabel(f"best dev {g['metric'].iloc[0]} (×{scale:g})")
         ax.set_title(column)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     fig.suptitle("Accuracy vs memory (best configuration per method)", fontsize=10)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return path
