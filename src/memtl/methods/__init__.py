@@ -80,7 +80,7 @@ def head_parameter_names(model: nn.Module) -> list[str]:
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if isinstance(base, nn.Module) and isinstance(getattr(base, "pooler", None), nn.Module):
         names.append(f"{model.base_model_prefix}.pooler")  # BERT's pooler feeds its classifier
-    for attr in ("classifier", "score", "qa_outputs"):
+    for attr in ("classifier", "classification_head", "score", "qa_outputs"):
         if isinstance(getattr(model, attr, None), nn.Module):
             names.append(attr)
     return names

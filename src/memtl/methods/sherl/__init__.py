@@ -52,6 +52,7 @@ checkpointing) against +45 MiB per layer for full fine-tuning, i.e. 6.7% (3.4%).
 """
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 
@@ -60,13 +61,30 @@ import torch.nn as nn
 from memtl.errors import ConfigError
 from memtl.methods import register_method
 from memtl.methods.bert_family import unfreeze_head
-from memtl.methods.sherl.bert import SherlEncoder, install
+from memtl.methods.sherl.bert import SherlEncoder
 from memtl.methods.sherl.late import add_adapters, add_lora
 from memtl.methods.sherl.side import PROJECTIONS, AntiRedundancyFusion, SideModule
 
 __all__ = ["SherlOptions", "SherlEncoder", "SideModule", "AntiRedundancyFusion", "apply_sherl"]
 
 LATE_TUNING = ("frozen", "lora", "adapter")
+
+# model_type -> the module of this package that installs SHERL in that architecture; each
+# has ``install(model, late_layers, side_width, projection, dropout, temperature,
+# checkpointing) -> backbone``
+ARCHITECTURES = {
+    "bert": "bert",
+    "roberta": "bert",
+}
+
+
+def installer(model: nn.Module):
+    """The ``install`` function for ``model``'s architecture, or one ConfigError line."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ConfigError(f"method=sherl: model type {model_type!r} ({type(model).__name__}) is not supported; "
+                          f"SHERL supports {', '.join(sorted(ARCHITECTURES))}: choose such a backbone")
+    return importlib.import_module(f"{__name__}.{ARCHITECTURES[model_type]}").install
 
 
 def _is_int(x) -> bool:
@@ -124,6 +142,7 @@ class SherlOptions:
 def apply_sherl(model: nn.Module, opts: SherlOptions) -> nn.Module:
     """Apply SHERL to a BERT-family model in place; returns it."""
     model.requires_grad_(False)  # everything pre-trained is frozen ...
+    install = installer(model)
     backbone = install(model, opts.late_layers, opts.side_width, opts.projection, opts.dropout,
                        float(opts.gate_temperature), opts.gradient_checkpointing)
     encoder: SherlEncoder = backbone.encoder
