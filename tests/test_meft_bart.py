@@ -45,9 +45,10 @@ def bart_config(dropout=0.0, attn="sdpa", layers=LAYERS):
     return config
 
 
-def tiny_bart(variant="meft2", dropout=0.0, cls=BartForSequenceClassification, attn="sdpa", seed=0, **opts):
+def tiny_bart(variant="meft2", dropout=0.0, cls=BartForSequenceClassification, attn="sdpa", seed=0, layers=LAYERS,
+              dtype=torch.float64, **opts):
     torch.manual_seed(seed)
-    model = cls(bart_config(dropout, attn)).to(torch.float64)
+    model = cls(bart_config(dropout, attn, layers)).to(dtype)
     return apply_method(model, variant, **opts)
 
 
@@ -269,6 +270,40 @@ def test_dropout_masks_replayed_in_recompute(variant):
     # dropout really is active: another seed draws other masks and other grads
     torch.manual_seed(7)
     assert max_rel_err(trainable_grads(model, batch), ref_grads) > 1e-4
+
+
+def test_depth_independent_saved_memory():
+    """Both stacks reversible: the forward saves the same bytes for backward at 2 and 6 layers
+    per stack (the decoder's Function keeps its two streams and the encoder output)."""
+
+    def saved_bytes(layers, reversible):
+        model = tiny_bart("meft3", layers=layers, dtype=torch.float32, num_rev_layers=None if reversible else 0)
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            if not isinstance(t, torch.nn.Parameter):
+                total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(**make_batch(n=8, length=16)).loss
+        loss.backward()
+        return total
+
+    assert saved_bytes(6, True) == saved_bytes(2, True)
+    assert saved_bytes(6, False) > 2 * saved_bytes(2, False)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bf16_autocast_forward_backward(variant):
+    model = tiny_bart(variant, dtype=torch.float32, dropout=0.1).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**make_batch()).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
+    assert sum(g.abs().sum() for g in encoder_adapter_grads(grads).values()) > 0
 
 
 def test_eager_attention_grads_equal_plain_autograd():
