@@ -11,6 +11,8 @@ peak activation memory does not grow with depth (DESIGN §1). Layout:
 - ``engine.py``    the reversible ``autograd.Function`` (architecture-agnostic)
 - ``adapters.py``  the adapter module and the three variants' wiring of F, G, λ, β
 - ``bert.py``      BERT/RoBERTa: blocks, adapter placement, encoder replacement
+- ``bart.py``      BART: encoder and decoder both reversible (the decoder's backward also
+                   returns the encoder output's gradient, so the encoder adapters train)
 - ``diagnostics.py`` reconstruction error on demand + a Lightning callback
 
 Options (shared by the three names; ``None`` picks the variant's default):
@@ -19,9 +21,10 @@ Options (shared by the three names; ``None`` picks the variant's default):
 - ``adapter_layernorm``: LayerNorm at the input of the stand-alone F/G adapter (MEFT1/2 only).
 - ``adapter_activation``: relu | gelu | silu | swish | tanh.
 - ``adapter_dropout``: dropout inside the adapters; ``None`` = the model's
-  ``hidden_dropout_prob``, as in the authors' code.
+  ``hidden_dropout_prob`` (BART: ``dropout``), as in the authors' code.
 - ``num_rev_layers``: how many bottom layers use the reversible backward; ``None`` = all,
-  0 = plain autograd through the same maths (the correctness oracle).
+  0 = plain autograd through the same maths (the correctness oracle). Encoder-decoder
+  models (BART): the first k layers of each stack.
 - ``lam``/``beta``: the stream scales; defaults MEFT1 0.1/1, MEFT2 1/0.1, MEFT3 0.1/0.1.
 - ``stream_dtype``: keep the two streams in this dtype (``float64``) while F and G compute
   in the model's dtype; ``None`` = the model's dtype (the paper). The inverse divides by
@@ -59,6 +62,7 @@ STREAM_DTYPES = {None: None, "float32": torch.float32, "float64": torch.float64}
 ARCHITECTURES = {
     "bert": "bert",
     "roberta": "bert",
+    "bart": "bart",
 }
 
 

@@ -88,10 +88,10 @@ VARIANTS: dict[str, Variant] = {
 class MeftLayer(nn.Module):
     """Base class of an architecture's reversible layer; provides ``f``/``g`` for the engine.
 
-    Subclasses implement ``attention_block(x, mask)``, ``feed_forward_block(h)`` and
-    ``whole_layer(x, mask)`` (with the adapters inside), and own ``rev_adapter`` when the
-    variant needs one. ``f``/``g`` take the per-layer context (the attention mask) as
-    extra, non-differentiable arguments.
+    Subclasses implement ``attention_block(x, *context)``, ``feed_forward_block(h)`` and
+    ``whole_layer(x, *context)`` (with the adapters inside), and own ``rev_adapter`` when
+    the variant needs one. ``f``/``g`` pass the stack's context (the attention mask; for a
+    decoder also the encoder output and its mask) on to the blocks that read it.
     """
 
     variant: Variant
@@ -100,18 +100,18 @@ class MeftLayer(nn.Module):
     switch: bool
     rev_adapter: Adapter | None
 
-    def _call(self, role: str, x: torch.Tensor, mask) -> torch.Tensor:
+    def _call(self, role: str, x: torch.Tensor, *context) -> torch.Tensor:
         if role == "adapter":
             return self.rev_adapter(x)
         if role == "feed_forward_block":
             return self.feed_forward_block(x)
-        return getattr(self, role)(x, mask)
+        return getattr(self, role)(x, *context)
 
-    def f(self, x: torch.Tensor, mask=None) -> torch.Tensor:
-        return self._call(self.variant.f, x, mask)
+    def f(self, x: torch.Tensor, *context) -> torch.Tensor:
+        return self._call(self.variant.f, x, *context)
 
-    def g(self, x: torch.Tensor, mask=None) -> torch.Tensor:
-        return self._call(self.variant.g, x, mask)
+    def g(self, x: torch.Tensor, *context) -> torch.Tensor:
+        return self._call(self.variant.g, x, *context)
 
     def adapter_modules(self) -> list[nn.Module]:
         return [m for m in self.modules() if isinstance(m, Adapter)]

@@ -15,6 +15,13 @@ top-down, reconstructing each layer's inputs from its outputs and recomputing F 
 with grad enabled, one layer at a time. Peak activation memory is then one layer's
 recompute graph plus the streams, whatever the depth. The remaining layers run with
 plain autograd. Without grad (eval, ``torch.no_grad``) every layer is a plain forward.
+
+Context (``f(x, *context)``): per-stack extras every layer reads, e.g. attention masks,
+or a decoder's encoder output read through cross-attention. Context tensors that require
+grad become inputs of the Function: its backward recomputes F and G with them as leaves
+and returns their gradient summed over every layer of the segment (autograd then sums
+over segments and the plain layers), so whatever produced them (the encoder and its
+adapters) trains as under plain autograd.
 """
 from __future__ import annotations
 
@@ -123,34 +130,54 @@ def trainable_parameters(layers: Sequence[nn.Module]) -> list[nn.Parameter]:
 
 
 class _ReversibleStack(torch.autograd.Function):
-    """inputs: x1, x2, layers, context, compute_dtype, *params (the layers' trainable parameters).
+    """inputs: x1, x2, layers, context, diff_pos, compute_dtype, *diff_context, *params.
 
-    The parameters are inputs so that (a) backward runs even when x1/x2 do not require
-    grad (frozen embeddings), and (b) their grads flow back through autograd's normal
-    accumulation (``.grad``, hooks, DDP) rather than being written by hand.
+    ``diff_context`` are the context entries at positions ``diff_pos`` that require grad
+    (e.g. a decoder's encoder output); ``params`` the layers' trainable parameters. Both
+    are inputs so that (a) backward runs even when x1/x2 do not require grad (frozen
+    embeddings), and (b) their grads flow back through autograd's normal accumulation
+    (``.grad``, hooks, DDP, the encoder's graph) rather than being written by hand.
     """
 
     @staticmethod
-    def forward(ctx, x1, x2, layers, context, compute_dtype, *params):
+    def forward(ctx, x1, x2, layers, context, diff_pos, compute_dtype, *tensors):
         # Function.forward already runs without grad: nothing below is recorded
+        diff_context, params = tensors[:len(diff_pos)], tensors[len(diff_pos):]
         ctx.layers = layers
-        ctx.context = context
+        # differentiable context goes through save_for_backward (version checks), the rest as is
+        ctx.context = tuple(None if i in diff_pos else c for i, c in enumerate(context))
+        ctx.diff_pos = diff_pos
         ctx.compute_dtype = compute_dtype
         ctx.autocast = AutocastState(x1.device)
         ctx.rng = []
         for layer in layers:
             (x1, x2), rng = layer_forward(layer, x1, x2, context, record_rng=True, compute_dtype=compute_dtype)
             ctx.rng.append(rng)
-        ctx.save_for_backward(x1, x2)  # the only activations kept: the final two streams
+        # the only activations kept: the final two streams (the context is the caller's anyway)
+        ctx.save_for_backward(x1, x2, *diff_context)
         ctx.param_index = {id(p): i for i, p in enumerate(params)}
         return x1, x2
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do1, do2):
-        o1, o2 = ctx.saved_tensors
+        o1, o2, *diff_context = ctx.saved_tensors
         cdt = ctx.compute_dtype
         grads: list[Tensor | None] = [None] * len(ctx.param_index)
+        # differentiable context as leaves shared by every layer's recompute; each
+        # autograd.grad call below returns one F or G's share of their gradient
+        leaves = [c.detach().requires_grad_(True) for c in diff_context]
+        context = list(ctx.context)
+        for i, leaf in zip(ctx.diff_pos, leaves):
+            context[i] = leaf
+        context = tuple(context)
+        ctx_grads: list[Tensor | None] = [None] * len(leaves)
+        n_ctx = len(leaves)
+
+        def add_ctx_grads(parts):
+            for i, part in enumerate(parts):
+                if part is not None:
+                    ctx_grads[i] = part if ctx_grads[i] is None else ctx_grads[i] + part  # part may alias dy: no add_
         # streams flowing into no further op get no grad: treat as zero
         do1 = torch.zeros_like(o1) if do1 is None else do1
         do2 = torch.zeros_like(o2) if do2 is None else do2
@@ -172,8 +199,10 @@ class _ReversibleStack(torch.autograd.Function):
             # 1. recompute g = G(y1) with grad; backprop dy2 into G's params and y1
             y1_in = _cast(y1, cdt).detach().requires_grad_(True)
             with torch.enable_grad(), ctx.autocast.replayed(), rng_g.restored():
-                g = layer.g(y1_in, *ctx.context)
-            gy1, *g_grads = torch.autograd.grad(g, [y1_in, *params], dy2.to(g.dtype), allow_unused=True)
+                g = layer.g(y1_in, *context)
+            gy1, *g_grads = torch.autograd.grad(g, [y1_in, *leaves, *params], dy2.to(g.dtype), allow_unused=True)
+            add_ctx_grads(g_grads[:n_ctx])
+            g_grads = g_grads[n_ctx:]
             del y1_in
             dy1 = dy1 + gy1 if gy1 is not None else dy1
             del gy1
@@ -185,11 +214,13 @@ class _ReversibleStack(torch.autograd.Function):
             # 3. recompute f = F(x2) with grad; backprop dy1 into F's params and x2
             x2_in = _cast(x2, cdt).detach().requires_grad_(need_dx)
             with torch.enable_grad(), ctx.autocast.replayed(), rng_f.restored():
-                f = layer.f(x2_in, *ctx.context)
-            wrt = [x2_in, *params] if need_dx else params
+                f = layer.f(x2_in, *context)
+            wrt = [x2_in, *leaves, *params] if need_dx else [*leaves, *params]
             f_grads = (list(torch.autograd.grad(f, wrt, dy1.to(f.dtype), allow_unused=True))
                        if f.requires_grad else [None] * len(wrt))
             gx2 = f_grads.pop(0) if need_dx else None
+            add_ctx_grads(f_grads[:n_ctx])
+            f_grads = f_grads[n_ctx:]
             del x2_in, wrt
             # 4. reconstruct x1
             with torch.no_grad():
@@ -220,7 +251,7 @@ class _ReversibleStack(torch.autograd.Function):
         # grads must match each input's dtype (autocast may leave the streams' grads in bf16)
         dx1 = do1.to(in_dtypes[0]) if ctx.needs_input_grad[0] else None
         dx2 = do2.to(in_dtypes[1]) if ctx.needs_input_grad[1] else None
-        return (dx1, dx2, None, None, None, *grads)
+        return (dx1, dx2, None, None, None, None, *ctx_grads, *grads)
 
 
 def reversible_stack(x1: Tensor, x2: Tensor, layers: Sequence[nn.Module], context: Sequence[Any] = (),
@@ -251,12 +282,17 @@ def reversible_stack(x1: Tensor, x2: Tensor, layers: Sequence[nn.Module], contex
     num_rev = len(layers) if num_rev is None else num_rev
     rev, plain = layers[:num_rev], layers[num_rev:]
     context = tuple(context)
+    # context tensors the backward must return a gradient for (e.g. a decoder's encoder output)
+    diff_pos = tuple(i for i, c in enumerate(context) if isinstance(c, Tensor) and c.requires_grad)
+    diff_context = [context[i] for i in diff_pos]
 
-    if rev and torch.is_grad_enabled() and (trainable_parameters(rev) or x1.requires_grad or x2.requires_grad):
+    if rev and torch.is_grad_enabled() and (trainable_parameters(rev) or x1.requires_grad or x2.requires_grad
+                                            or diff_pos):
         k = anchor_every or len(rev)
         for start in range(0, len(rev), k):
             segment = rev[start:start + k]
-            x1, x2 = _ReversibleStack.apply(x1, x2, segment, context, compute_dtype, *trainable_parameters(segment))
+            x1, x2 = _ReversibleStack.apply(x1, x2, segment, context, diff_pos, compute_dtype,
+                                            *diff_context, *trainable_parameters(segment))
     else:  # no grad (eval), or nothing to differentiate: a plain forward records nothing either
         plain = layers
     for layer in plain:
