@@ -159,15 +159,15 @@ def test_no_gradient_and_no_graph_in_the_early_route(arch, head):
     assert all(p.grad is None for p in stack_of(model).layers[-1].parameters())
 
 
-def _saved_storages(model, batch):
-    """data_ptrs of the storages autograd saves during forward (parameters excluded)."""
+def _saved_storages(model, batch) -> dict[int, int]:
+    """data_ptr -> bytes of the storages autograd saves during forward (parameters excluded)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = set()
+    seen = {}
 
     def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen.add(ptr)
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -195,7 +195,7 @@ def test_nothing_from_inside_the_early_route_is_saved(arch, late_tuning):
     for layer in stack.layers[: stack.sherl.num_early]:
         handles.append(layer.register_forward_hook(keep(features)))
     model.train()
-    saved = _saved_storages(model, make_batch(arch))  # internals/features stay referenced: no reused address
+    saved = set(_saved_storages(model, make_batch(arch)))  # internals/features stay referenced: no reused address
     for h in handles:
         h.remove()
     feature_ptrs = {t.untyped_storage().data_ptr() for t in features}
@@ -203,6 +203,22 @@ def test_nothing_from_inside_the_early_route_is_saved(arch, late_tuning):
     assert len(features) == stack.sherl.num_early + 1 and internal_ptrs
     assert not (saved & internal_ptrs)  # e.g. BART's encoder output meets only frozen cross-attention
     assert feature_ptrs <= saved  # h_0..h_{N-k}: the projections' inputs, the early route's whole budget
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_saved_bytes_per_early_layer_are_the_kept_features_only(arch):
+    batch = make_batch(arch, "seq", n=4, length=16)
+    tokens = batch["input_ids"].numel()
+    d, d_side = HIDDEN, HIDDEN // 2
+    saved = {}
+    for n in (3, 6):
+        model = tiny(arch, "seq", layers=n, late_layers=1)
+        model.train()
+        saved[n] = sum(_saved_storages(model, batch).values())
+    per_layer = (saved[6] - saved[3]) / 3
+    # h_i (d floats) + the projection's pre-LayerNorm output and z_i (d' each) + a few
+    # per-token scalars (LayerNorm mean/rstd, the fusion's norm/redundancy/score)
+    assert tokens * d * 4 <= per_layer <= tokens * (d + 2 * d_side + 8) * 4
 
 
 # --- what trains ---------------------------------------------------------------------------
@@ -285,8 +301,10 @@ def test_bart_seq2seq_lm_routes():
 @pytest.mark.parametrize("k", [LAYERS, LAYERS + 2])
 def test_late_layers_must_leave_an_early_layer(arch, k):
     what = "decoder layers" if arch == "bart" else "layers"
-    with pytest.raises(ConfigError, match=rf"method\.late_layers={k}: .* has {LAYERS} {what}.*choose 1\.\.{LAYERS - 1}"):
+    pattern = rf"method\.late_layers={k}: .* has {LAYERS} {what}.*choose 1\.\.{LAYERS - 1}"
+    with pytest.raises(ConfigError, match=pattern) as e:
         tiny(arch, late_layers=k)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
