@@ -472,3 +472,18 @@ def test_training_smoke_loss_decreases(arch, head, lr, ratio):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < ratio * losses[0], losses
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_autocast_trains_with_the_fp32_result_close(arch):
+    batch = make_batch(arch)
+    grads = {}
+    for bf16 in (False, True):
+        model = tiny(arch, late_tuning="lora")
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            _, loss = run(model, batch)
+        loss.backward()
+        grads[bf16] = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+    assert torch.isfinite(grads[True]).all() and grads[True].shape == grads[False].shape
+    assert (grads[True] - grads[False]).norm() <= 0.05 * grads[False].norm()
