@@ -125,7 +125,7 @@ def test_late_layers_must_leave_an_early_layer(k):
 
 
 def test_unsupported_model_and_double_application():
-    with pytest.raises(ConfigError, match="method=sherl: model type 'gpt2'.*SHERL supports bert, roberta"):
+    with pytest.raises(ConfigError, match="method=sherl: model type 'gpt2'.*SHERL supports bart, bert, llama, opt, roberta"):
         apply_method(GPT2Model(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100)), "sherl")
     model = tiny_model()
     with pytest.raises(ConfigError, match="already has SHERL applied"):

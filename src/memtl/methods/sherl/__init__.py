@@ -12,15 +12,18 @@ Layout:
 - ``side.py`` projections, anti-redundancy fusion, output block (architecture-agnostic)
 - ``late.py`` optional LoRA / adapters in the late layers
 - ``bert.py`` BERT/RoBERTa: the encoder replacement
+- ``decoder.py`` OPT and LLaMA: hooks that split the HF decoder stack (also used by BART)
+- ``bart.py`` BART: encoder + early decoder layers on the early route, last k decoder layers late
 
 Trainable: the side module (projections, fusion w/b, output block, gate g), the task head
-(``classifier``/``score``/``qa_outputs`` and the backbone's pooler when it has one), and
-the late-layer LoRA/adapters when enabled. Every pre-trained weight is frozen.
+(``classifier``/``classification_head``/``score``/``qa_outputs`` and the backbone's pooler
+when it has one), and the late-layer LoRA/adapters when enabled. Every pre-trained weight is
+frozen, LM heads included (OPT/BART tie theirs to the input embeddings, which are early).
 
 Options:
 
 - ``late_layers``: k, the late layers that run with autograd (authors' BERT code: 1);
-  1 <= k < number of layers.
+  1 <= k < number of layers (BART: decoder layers).
 - ``side_width``: d', the side module's width; ``None`` = hidden/2. The authors' BERT text
   encoder uses 1024/2; we keep the ratio (half the hidden size) rather than the absolute
   512, which would be wider than small backbones such as MiniLM (hidden 384).
@@ -34,7 +37,8 @@ Options:
   ``adapter`` (Houlsby-style adapters after their attention and feed-forward output
   projections, bottleneck ``late_adapter_bottleneck``, near zero at init).
 - ``dropout``: dropout of the side module's output block and of the late LoRA/adapter
-  inputs; ``None`` = the model's ``hidden_dropout_prob``.
+  inputs; ``None`` = the model's hidden dropout (``hidden_dropout_prob``; BART/OPT
+  ``dropout``; LLaMA has none: 0).
 - ``gradient_checkpointing``: recompute, in backward, the side module (each projection
   on its own, from its input h_i) and the late layers (non-reentrant
   ``torch.utils.checkpoint``). The early route is never recomputed: it has no backward.
@@ -75,6 +79,9 @@ LATE_TUNING = ("frozen", "lora", "adapter")
 ARCHITECTURES = {
     "bert": "bert",
     "roberta": "bert",
+    "bart": "bart",
+    "opt": "decoder",
+    "llama": "decoder",
 }
 
 
@@ -138,24 +145,34 @@ class SherlOptions:
             raise ConfigError(f"method.gradient_checkpointing={self.gradient_checkpointing!r}: must be true or false")
 
 
+def hidden_dropout(config) -> float:
+    """The model's dropout on hidden states: BERT's ``hidden_dropout_prob``, BART/OPT's
+    ``dropout``; LLaMA has none (0)."""
+    for name in ("hidden_dropout_prob", "dropout"):
+        p = getattr(config, name, None)
+        if _is_number(p):
+            return float(p)
+    return 0.0
+
+
 @register_method("sherl", SherlOptions)
 def apply_sherl(model: nn.Module, opts: SherlOptions) -> nn.Module:
-    """Apply SHERL to a BERT-family model in place; returns it."""
+    """Apply SHERL to a supported model in place; returns it."""
     model.requires_grad_(False)  # everything pre-trained is frozen ...
     install = installer(model)
-    backbone = install(model, opts.late_layers, opts.side_width, opts.projection, opts.dropout,
-                       float(opts.gate_temperature), opts.gradient_checkpointing)
-    encoder: SherlEncoder = backbone.encoder
-    encoder.side.requires_grad_(True)  # ... except the side module ...
-    dropout = model.config.hidden_dropout_prob if opts.dropout is None else opts.dropout
-    for layer in encoder.layer[encoder.num_early:]:  # ... the late-layer LoRA/adapters ...
+    dropout = hidden_dropout(model.config) if opts.dropout is None else opts.dropout
+    backbone, side, late = install(model, opts.late_layers, opts.side_width, opts.projection, dropout,
+                                   float(opts.gate_temperature), opts.gradient_checkpointing)
+    side.requires_grad_(True)  # ... except the side module ...
+    model_type = model.config.model_type
+    for layer in late:  # ... the late-layer LoRA/adapters ...
         if opts.late_tuning == "lora":
-            new = add_lora(layer, opts.late_lora_r, float(opts.late_lora_alpha), dropout)
+            new = add_lora(layer, model_type, opts.late_lora_r, float(opts.late_lora_alpha), dropout)
         elif opts.late_tuning == "adapter":
-            new = add_adapters(layer, opts.late_adapter_bottleneck, dropout)
+            new = add_adapters(layer, model_type, opts.late_adapter_bottleneck, dropout)
         else:
             new = []
         for m in new:
             m.requires_grad_(True)
-    unfreeze_head(model, backbone)  # ... and the task head
+    unfreeze_head(model, backbone)  # ... and the task head (LM heads stay frozen)
     return model

@@ -19,8 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttenti
 
 from memtl.errors import ConfigError
 from memtl.methods.bert_family import encoder_layers
-from memtl.methods.sherl.side import SideModule
-
+from memtl.methods.sherl.side import SideModule, run_without_grad
 
 
 class SherlEncoder(nn.Module):
@@ -87,25 +86,10 @@ class SherlEncoder(nn.Module):
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=x)
 
 
-def _no_grad_enter(module: nn.Module, args) -> None:
-    module._sherl_grad_enabled = torch.is_grad_enabled()
-    torch.set_grad_enabled(False)
-
-
-def _no_grad_exit(module: nn.Module, args, output) -> None:
-    torch.set_grad_enabled(module.__dict__.pop("_sherl_grad_enabled", True))
-
-
-def run_without_grad(module: nn.Module) -> None:
-    """Make ``module`` always run under ``torch.no_grad()`` (hooks, so the module's class,
-    name and state-dict keys stay as they are; the exit hook runs even on an exception)."""
-    module.register_forward_pre_hook(_no_grad_enter)
-    module.register_forward_hook(_no_grad_exit, always_call=True)
-
-
 def install(model: nn.Module, late_layers: int, side_width: int | None, projection: str, dropout: float | None,
-            temperature: float, checkpointing: bool) -> nn.Module:
-    """Swap the encoder of a BERT-family model for a SHERL encoder; returns the backbone."""
+            temperature: float, checkpointing: bool) -> tuple[nn.Module, SideModule, list[nn.Module]]:
+    """Swap the encoder of a BERT-family model for a SHERL encoder; returns (backbone, side
+    module, late layers)."""
     config = model.config
     backbone, layers = encoder_layers(model, "sherl", "SHERL", SherlEncoder)
     n = len(layers)
@@ -124,4 +108,4 @@ def install(model: nn.Module, late_layers: int, side_width: int | None, projecti
     )
     run_without_grad(backbone.embeddings)  # the embeddings are part of the early route
     backbone.encoder = SherlEncoder(layers, num_late=late_layers, side=side, checkpointing=checkpointing)
-    return backbone
+    return backbone, side, list(layers[n - late_layers:])

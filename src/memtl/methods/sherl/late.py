@@ -3,6 +3,11 @@
 Both wrap an existing ``nn.Linear`` and take over its ``weight``/``bias`` Parameters under
 the same names, so pre-trained state-dict keys (``...query.weight``) are unchanged; the new
 trainable tensors appear beside them (``...query.lora_A.weight``, ``...dense.adapter.*``).
+
+Where, per architecture (``TARGETS``): LoRA on the self-attention query and value
+projections; adapters after the self-attention output projection and after the
+feed-forward output projection (before each block's dropout + residual [+ LayerNorm]).
+BART's cross-attention stays frozen (see ``bart.py``).
 """
 from __future__ import annotations
 
@@ -53,16 +58,33 @@ class AdaptedLinear(nn.Module):
         return y + self.adapter(y)
 
 
-def add_lora(layer: nn.Module, r: int, alpha: float, dropout: float) -> list[nn.Module]:
-    """LoRA on the attention query and value projections of a BERT-family layer."""
-    attn = layer.attention.self
-    attn.query = LoraLinear(attn.query, r, alpha, dropout)
-    attn.value = LoraLinear(attn.value, r, alpha, dropout)
-    return [attn.query.lora_A, attn.query.lora_B, attn.value.lora_A, attn.value.lora_B]
+# model_type -> (LoRA targets, adapter targets), as paths inside one layer
+_ENCODER = (("attention.self.query", "attention.self.value"), ("attention.output.dense", "output.dense"))
+_OPT_BART = (("self_attn.q_proj", "self_attn.v_proj"), ("self_attn.out_proj", "fc2"))
+TARGETS = {
+    "bert": _ENCODER,
+    "roberta": _ENCODER,
+    "bart": _OPT_BART,
+    "opt": _OPT_BART,
+    "llama": (("self_attn.q_proj", "self_attn.v_proj"), ("self_attn.o_proj", "mlp.down_proj")),
+}
 
 
-def add_adapters(layer: nn.Module, bottleneck: int, dropout: float) -> list[nn.Module]:
+def _wrap(layer: nn.Module, path: str, make) -> nn.Module:
+    parent, _, name = path.rpartition(".")
+    owner = layer.get_submodule(parent)
+    new = make(getattr(owner, name))
+    setattr(owner, name, new)
+    return new
+
+
+def add_lora(layer: nn.Module, model_type: str, r: int, alpha: float, dropout: float) -> list[nn.Module]:
+    """LoRA on the attention query and value projections of one layer; returns the new modules."""
+    wrapped = [_wrap(layer, path, lambda lin: LoraLinear(lin, r, alpha, dropout)) for path in TARGETS[model_type][0]]
+    return [m for w in wrapped for m in (w.lora_A, w.lora_B)]
+
+
+def add_adapters(layer: nn.Module, model_type: str, bottleneck: int, dropout: float) -> list[nn.Module]:
     """Adapters after the attention output projection and the feed-forward output projection."""
-    layer.attention.output.dense = AdaptedLinear(layer.attention.output.dense, bottleneck, dropout)
-    layer.output.dense = AdaptedLinear(layer.output.dense, bottleneck, dropout)
-    return [layer.attention.output.dense.adapter, layer.output.dense.adapter]
+    return [_wrap(layer, path, lambda lin: AdaptedLinear(lin, bottleneck, dropout)).adapter
+            for path in TARGETS[model_type][1]]

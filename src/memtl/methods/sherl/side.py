@@ -191,3 +191,22 @@ class SideModule(nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         return self.combine([self.project(i, h) for i, h in enumerate(features)], features[-1])
+
+
+# --- the early route's no-grad switch (used by every architecture) ---------------------
+
+
+def _no_grad_enter(module: nn.Module, args) -> None:
+    module._sherl_grad_enabled = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)
+
+
+def _no_grad_exit(module: nn.Module, args, output) -> None:
+    torch.set_grad_enabled(module.__dict__.pop("_sherl_grad_enabled", True))
+
+
+def run_without_grad(module: nn.Module) -> None:
+    """Make ``module`` always run under ``torch.no_grad()`` (hooks, so the module's class,
+    name and state-dict keys stay as they are; the exit hook runs even on an exception)."""
+    module.register_forward_pre_hook(_no_grad_enter)
+    module.register_forward_hook(_no_grad_exit, always_call=True)
