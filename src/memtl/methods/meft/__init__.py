@@ -11,6 +11,8 @@ peak activation memory does not grow with depth (DESIGN §1). Layout:
 - ``engine.py``    the reversible ``autograd.Function`` (architecture-agnostic)
 - ``adapters.py``  the adapter module and the three variants' wiring of F, G, λ, β
 - ``bert.py``      BERT/RoBERTa: blocks, adapter placement, encoder replacement
+- ``decoder.py``   OPT and LLaMA decoders (pre-/post-norm blocks with their residual inside,
+                   causal mask, rotary embeddings): blocks, adapters, layer-loop takeover
 - ``diagnostics.py`` reconstruction error on demand + a Lightning callback
 
 Options (shared by the three names; ``None`` picks the variant's default):
@@ -18,8 +20,8 @@ Options (shared by the three names; ``None`` picks the variant's default):
 - ``bottleneck``: adapter width r (paper: 8).
 - ``adapter_layernorm``: LayerNorm at the input of the stand-alone F/G adapter (MEFT1/2 only).
 - ``adapter_activation``: relu | gelu | silu | swish | tanh.
-- ``adapter_dropout``: dropout inside the adapters; ``None`` = the model's
-  ``hidden_dropout_prob``, as in the authors' code.
+- ``adapter_dropout``: dropout inside the adapters; ``None`` = the model's hidden dropout
+  (``hidden_dropout_prob``; OPT ``dropout``; LLaMA has none: 0), as in the authors' code.
 - ``num_rev_layers``: how many bottom layers use the reversible backward; ``None`` = all,
   0 = plain autograd through the same maths (the correctness oracle).
 - ``lam``/``beta``: the stream scales; defaults MEFT1 0.1/1, MEFT2 1/0.1, MEFT3 0.1/0.1.
@@ -59,6 +61,8 @@ STREAM_DTYPES = {None: None, "float32": torch.float32, "float64": torch.float64}
 ARCHITECTURES = {
     "bert": "bert",
     "roberta": "bert",
+    "opt": "decoder",
+    "llama": "decoder",
 }
 
 
