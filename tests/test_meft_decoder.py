@@ -28,6 +28,7 @@ from memtl.errors import ConfigError
 from memtl.methods import apply_method, count_parameters
 from memtl.methods.meft.adapters import Adapter
 from memtl.methods.meft.decoder import MeftDecoderStack
+from memtl.methods.meft.engine import reversible_stack
 
 VARIANTS = ["meft1", "meft2", "meft3"]
 ARCHS = ["opt", "opt350", "llama"]  # opt350: post-LN, word_embed_proj_dim 16 != hidden 32
@@ -168,6 +169,31 @@ def test_eval_equals_train_without_dropout(variant, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_plm_chain_is_the_unmodified_model_as_the_scales_vanish(variant, arch):
+    """Forward wiring (masks, positions, rotary, norms, project_in/out) checked exactly: with
+    zero adapters and λ/β -> 0 the stream carrying the PLM chain is the unmodified model."""
+    small = {"meft1": {"lam": 1e-9}, "meft2": {"beta": 1e-9}, "meft3": {"lam": 1e-9, "beta": 1e-9}}[variant]
+    ref = tiny_decoder(arch, "bare").eval()
+    batch = make_batch(arch)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        h_ref = ref(**inputs).last_hidden_state
+    model = apply_method(copy.deepcopy(ref), variant, **small).eval()
+    for adapter in (m for m in model.modules() if isinstance(m, Adapter)):
+        torch.nn.init.zeros_(adapter.up.weight)
+    owner = stack(model)
+    errors = []
+    for i in (0, 1):  # the final norm / project_out see one stream instead of the average
+        owner.run_layers = lambda h, context: reversible_stack(h, h, owner.layers, (context,))[i]
+        with torch.no_grad():
+            errors.append(((model(**inputs).last_hidden_state - h_ref).abs().max() / h_ref.abs().max()).item())
+    # LLaMA's RMSNorm computes in float32 even in a float64 model: ~1e-7 from rounding
+    assert min(errors) <= 1e-6, errors
+    assert max(errors) > 1e-3  # the other stream lags one block behind
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_starting_point_close_to_the_unmodified_model(arch):
     """At init (adapters ~ 0) the last hidden states stay close to the pre-trained model's:
     each layer's PLM output lands in the stream the next PLM block reads (DESIGN §1.3).
@@ -196,6 +222,24 @@ def test_starting_point_close_to_the_unmodified_model(arch):
         similarity = cos(apply_method(copy.deepcopy(ref), variant).eval())
         print(f"{arch} {variant}: cos(MEFT last hidden state, unmodified) = {similarity:.4f}")
         assert similarity > 0.9, (arch, variant, similarity)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_autocast_and_float64_streams(arch):
+    for variant in VARIANTS:
+        model = meft_decoder(arch, variant, "seq", dropout=0.1, dtype=torch.float32).train()
+        batch = make_batch(arch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    # float32 model, float64 streams: the model's dtype outside the stack, near-exact gradients
+    model = meft_decoder(arch, "meft3", "lm", dtype=torch.float32, stream_dtype="float64").train()
+    batch = make_batch(arch, "lm")
+    assert model(**batch).logits.dtype == torch.float32
+    rev = trainable_grads(model, batch)
+    assert max_rel_err(rev, trainable_grads(set_num_rev(copy.deepcopy(model), 0), batch)) <= 1e-4
 
 
 def test_bare_models_and_sequence_classification_pooling():

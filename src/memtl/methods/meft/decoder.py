@@ -27,6 +27,13 @@ both streams start from the embedding output and are averaged before the final n
 rotary cos/sin): non-differentiable, passed through the engine untouched. Sequence
 classification (last non-pad token), causal-LM and QA heads are HF's own and unchanged.
 
+Deep pre-norm decoders are hard on MEFT (measured on SmolLM2-135M, 30 layers, float32): with
+the residual inside F/G, λ·x1 (β·x2) re-adds the residual stream at every layer, so early
+content is over-weighted ~(1+λ)^depth and the starting point drifts (cosine to the PLM's last
+hidden states 0.68 / 0.67 / 0.17 for MEFT1/2/3; 0.91 / 0.90 / 0.88 with λ or β = 0.01); and
+the inverse cancels large residual activations, so the reversible gradients of 30 (even 4)
+stacked layers are unusable in float32: use ``anchor_every`` 1-2 (MEFT1 1e-6 / 5e-5 rel. error).
+
 Not supported: KV caches / generation with a cache (``use_cache=True`` or
 ``past_key_values`` raise), ``output_hidden_states``/``output_attentions`` (raise),
 OPT's ``layerdrop`` > 0 (ConfigError).
