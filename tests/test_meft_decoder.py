@@ -43,9 +43,9 @@ CLASSES = {
 # --- helpers -----------------------------------------------------------------------------
 
 
-def tiny_decoder(arch="opt", head="seq", dropout=0.0, dtype=torch.float64, seed=0):
+def tiny_decoder(arch="opt", head="seq", dropout=0.0, dtype=torch.float64, seed=0, layers=LAYERS):
     """A random decoder; ``head``: seq (sequence classification), lm (causal LM) or bare."""
-    common = dict(vocab_size=100, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
+    common = dict(vocab_size=100, hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=4,
                   max_position_embeddings=64, pad_token_id=PAD[arch], num_labels=LABELS)
     if arch == "llama":
         config = LlamaConfig(intermediate_size=2 * HIDDEN, num_key_value_heads=2, attention_dropout=dropout, **common)
@@ -58,8 +58,8 @@ def tiny_decoder(arch="opt", head="seq", dropout=0.0, dtype=torch.float64, seed=
     return {"bare": bare, "seq": seq, "lm": lm}[head](config).to(dtype)
 
 
-def meft_decoder(arch="opt", variant="meft1", head="seq", dropout=0.0, dtype=torch.float64, **opts):
-    return apply_method(tiny_decoder(arch, head, dropout, dtype), variant, **opts)
+def meft_decoder(arch="opt", variant="meft1", head="seq", dropout=0.0, dtype=torch.float64, layers=LAYERS, **opts):
+    return apply_method(tiny_decoder(arch, head, dropout, dtype, layers=layers), variant, **opts)
 
 
 def make_batch(arch="opt", head="seq", n=4, length=9, seed=1):
@@ -130,6 +130,30 @@ def test_dropout_masks_replayed_in_recompute(variant, arch):
     # dropout really is active: another seed draws other masks and other grads
     torch.manual_seed(7)
     assert max_rel_err(trainable_grads(model, batch), ref_grads) > 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_depth_independent_saved_memory(arch):
+    """The reversible stack saves the same bytes for backward at 2 and 6 layers."""
+
+    def saved_bytes(layers, reversible):
+        model = set_num_rev(meft_decoder(arch, "meft2", "lm", dtype=torch.float32, layers=layers),
+                            layers if reversible else 0).train()
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            if not isinstance(t, torch.nn.Parameter):
+                total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(**make_batch(arch, "lm", n=8, length=16)).loss
+        loss.backward()
+        return total
+
+    assert saved_bytes(6, True) == saved_bytes(2, True)
+    assert saved_bytes(6, False) > 2 * saved_bytes(2, False)
 
 
 # --- what trains, keys, forward paths ------------------------------------------------------

@@ -236,8 +236,8 @@ def install(model: nn.Module, variant: Variant, lam: float, beta: float, num_rev
         raise ConfigError(f"method={variant.name}: {type(model).__name__} already has MEFT applied; "
                           "apply a method once, to a fresh pre-trained model")
     if getattr(config, "layerdrop", 0.0) > 0:
-        raise ConfigError(f"OPT layerdrop={config.layerdrop}: MEFT runs every layer in a fixed reversible stack; "
-                          "set the model config's layerdrop to 0")
+        raise ConfigError(f"method={variant.name}: the model's config.layerdrop={config.layerdrop} skips layers at "
+                          "random, MEFT needs a fixed reversible stack; set config.layerdrop=0")
     layers = owner.layers
     n = len(layers)
     k = n if num_rev_layers is None else num_rev_layers
