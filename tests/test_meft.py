@@ -198,7 +198,7 @@ def test_bad_options_raise_config_error(options, key):
 def test_unsupported_models_raise_config_error():
     assert {"meft1", "meft2", "meft3"} <= set(available_methods())
     gpt2 = GPT2Model(GPT2Config(vocab_size=100, n_embd=HIDDEN, n_layer=1, n_head=4))
-    with pytest.raises(ConfigError, match="'gpt2'.*bert, roberta"):
+    with pytest.raises(ConfigError, match="'gpt2'.*bart.*bert.*llama.*opt.*roberta"):
         apply_method(gpt2, "meft1")
     with pytest.raises(ConfigError, match="adapter_layernorm"):
         tiny_model("bert", "meft3", adapter_layernorm=True)

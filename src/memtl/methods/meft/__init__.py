@@ -13,6 +13,8 @@ peak activation memory does not grow with depth (DESIGN §1). Layout:
 - ``bert.py``      BERT/RoBERTa: blocks, adapter placement, encoder replacement
 - ``bart.py``      BART: encoder and decoder both reversible (the decoder's backward also
                    returns the encoder output's gradient, so the encoder adapters train)
+- ``decoder.py``   OPT and LLaMA decoders (pre-/post-norm blocks with their residual inside,
+                   causal mask, rotary embeddings): blocks, adapters, layer-loop takeover
 - ``diagnostics.py`` reconstruction error on demand + a Lightning callback
 
 Options (shared by the three names; ``None`` picks the variant's default):
@@ -20,8 +22,8 @@ Options (shared by the three names; ``None`` picks the variant's default):
 - ``bottleneck``: adapter width r (paper: 8).
 - ``adapter_layernorm``: LayerNorm at the input of the stand-alone F/G adapter (MEFT1/2 only).
 - ``adapter_activation``: relu | gelu | silu | swish | tanh.
-- ``adapter_dropout``: dropout inside the adapters; ``None`` = the model's
-  ``hidden_dropout_prob`` (BART: ``dropout``), as in the authors' code.
+- ``adapter_dropout``: dropout inside the adapters; ``None`` = the model's hidden dropout
+  (``hidden_dropout_prob``; BART/OPT ``dropout``; LLaMA has none: 0), as in the authors' code.
 - ``num_rev_layers``: how many bottom layers use the reversible backward; ``None`` = all,
   0 = plain autograd through the same maths (the correctness oracle). Encoder-decoder
   models (BART): the first k layers of each stack.
@@ -63,6 +65,8 @@ ARCHITECTURES = {
     "bert": "bert",
     "roberta": "bert",
     "bart": "bart",
+    "opt": "decoder",
+    "llama": "decoder",
 }
 
 

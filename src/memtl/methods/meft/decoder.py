@@ -1,0 +1,262 @@
+"""Decoder-only part of MEFT: OPT (pre- and post-LayerNorm) and LLaMA (SmolLM2).
+
+Each Hugging Face decoder layer is replaced by a MEFT layer that takes over its
+sub-modules under the same names (OPT: ``self_attn``, ``self_attn_layer_norm``, ``fc1``,
+``fc2``, ``final_layer_norm``; LLaMA: ``self_attn``, ``mlp``, ``input_layernorm``,
+``post_attention_layernorm``), so pre-trained state-dict keys are unchanged; the adapters
+sit beside them (``ffn_adapter``, ``attn_adapter``, ``rev_adapter``).
+
+The blocks, with their residual inside (DESIGN §1.5):
+
+    pre-norm  (OPT-125m/1.3b, LLaMA)    attention_block(x)    = x + A(x),  A(x) = Attn(N1(x)) [+ adapter]
+                                        feed_forward_block(h) = h + FFN(N2(h)) + ffn_adapter(N2(h))
+    post-norm (OPT-350m)                attention_block(x)    = N1(x + A(x)), A(x) = Attn(x) [+ adapter]
+                                        feed_forward_block(h) = N2(h + FFN(h) + ffn_adapter(h))
+    whole_layer = feed_forward_block ∘ attention_block
+
+The FFN adapter reads exactly what the FFN reads (``N2(h)`` in a pre-norm block), i.e. it
+runs in parallel to the FFN as in the BERT layer; MEFT3's attention adapter is sequential
+on the attention output projection (after its dropout): ``a + adapter(a)``, as in ``bert.py``.
+
+The module that owns the HF layer loop (``OPTDecoder``; ``LlamaModel``) is switched in place
+to a subclass (``MeftOPTDecoder``; ``MeftLlamaModel``) whose ``forward`` does what HF's does
+(embeddings, OPT's ``project_in``/``project_out`` and learned positions or LLaMA's rotary
+embeddings, ``create_causal_mask``, final norm) but runs the layers as a reversible stack:
+both streams start from the embedding output and are averaged before the final norm
+(DESIGN §1.2). The per-layer context handed to F and G is a ``DecoderContext`` (mask,
+rotary cos/sin): non-differentiable, passed through the engine untouched. Sequence
+classification (last non-pad token), causal-LM and QA heads are HF's own and unchanged.
+
+Deep pre-norm decoders are hard on MEFT (measured on SmolLM2-135M, 30 layers, float32): with
+the residual inside F/G, λ·x1 (β·x2) re-adds the residual stream at every layer, so early
+content is over-weighted ~(1+λ)^depth and the starting point drifts (cosine to the PLM's last
+hidden states 0.68 / 0.67 / 0.17 for MEFT1/2/3; 0.91 / 0.90 / 0.88 with λ or β = 0.01); and
+the inverse cancels large residual activations, so the reversible gradients of 30 (even 4)
+stacked layers are unusable in float32: use ``anchor_every`` 1-2 (MEFT1 1e-6 / 5e-5 rel. error).
+
+Not supported: KV caches / generation with a cache (``use_cache=True`` or
+``past_key_values`` raise), ``output_hidden_states``/``output_attentions`` (raise),
+OPT's ``layerdrop`` > 0 (ConfigError).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaModel
+from transformers.models.opt.modeling_opt import OPTDecoder
+
+from memtl.errors import ConfigError
+from memtl.methods.meft.adapters import Adapter, MeftLayer, Variant
+from memtl.methods.meft.engine import reversible_stack
+
+Tensor = torch.Tensor
+
+
+class DecoderContext(NamedTuple):
+    """What every layer needs besides its input; never differentiated."""
+
+    mask: Tensor | None  # causal (+ padding) mask from create_causal_mask; None: sdpa's is_causal
+    position_embeddings: tuple[Tensor, Tensor] | None = None  # LLaMA's rotary (cos, sin)
+
+
+# --- layers ----------------------------------------------------------------------------
+
+
+class _DecoderMeftLayer(MeftLayer):
+    """Adapters common to the decoder layers; subclasses take over the HF sub-modules."""
+
+    def _add_adapters(self, variant: Variant, lam: float, beta: float, make_adapter, make_rev_adapter):
+        self.variant, self.lam, self.beta, self.switch = variant, lam, beta, variant.switch
+        self.ffn_adapter = make_adapter()  # parallel to the FFN (every variant)
+        self.attn_adapter = make_adapter() if variant.attn_adapter else None  # MEFT3
+        self.rev_adapter = make_rev_adapter() if variant.rev_adapter else None  # MEFT1 G / MEFT2 F
+
+    def _adapted(self, a: Tensor) -> Tensor:
+        return a + self.attn_adapter(a) if self.attn_adapter is not None else a
+
+    def whole_layer(self, x: Tensor, context: DecoderContext) -> Tensor:
+        return self.feed_forward_block(self.attention_block(x, context))
+
+
+class OPTMeftLayer(_DecoderMeftLayer):
+    """An ``OPTDecoderLayer`` split into its blocks; pre-LN (125m, 1.3b) or post-LN (350m)."""
+
+    def __init__(self, hf_layer: nn.Module, variant: Variant, lam: float, beta: float,
+                 make_adapter, make_rev_adapter):
+        super().__init__()
+        for name in ("self_attn", "self_attn_layer_norm", "fc1", "fc2", "final_layer_norm", "activation_fn"):
+            setattr(self, name, getattr(hf_layer, name))
+        self.do_layer_norm_before = hf_layer.do_layer_norm_before
+        self.dropout = hf_layer.dropout
+        self._add_adapters(variant, lam, beta, make_adapter, make_rev_adapter)
+
+    def attention_block(self, x: Tensor, context: DecoderContext) -> Tensor:
+        pre = self.do_layer_norm_before
+        a, _ = self.self_attn(hidden_states=self.self_attn_layer_norm(x) if pre else x, attention_mask=context.mask)
+        h = x + self._adapted(F.dropout(a, self.dropout, self.training))
+        return h if pre else self.self_attn_layer_norm(h)
+
+    def feed_forward_block(self, h: Tensor) -> Tensor:
+        pre = self.do_layer_norm_before
+        z = self.final_layer_norm(h) if pre else h  # what the FFN (and its adapter) reads
+        ffn = F.dropout(self.fc2(self.activation_fn(self.fc1(z))), self.dropout, self.training)
+        out = h + ffn + self.ffn_adapter(z)
+        return out if pre else self.final_layer_norm(out)
+
+
+class LlamaMeftLayer(_DecoderMeftLayer):
+    """A ``LlamaDecoderLayer`` (pre-RMSNorm, rotary attention, gated MLP) split into its blocks."""
+
+    def __init__(self, hf_layer: nn.Module, variant: Variant, lam: float, beta: float,
+                 make_adapter, make_rev_adapter):
+        super().__init__()
+        for name in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"):
+            setattr(self, name, getattr(hf_layer, name))
+        self._add_adapters(variant, lam, beta, make_adapter, make_rev_adapter)
+
+    def attention_block(self, x: Tensor, context: DecoderContext) -> Tensor:
+        a, _ = self.self_attn(hidden_states=self.input_layernorm(x), attention_mask=context.mask,
+                              position_embeddings=context.position_embeddings)
+        return x + self._adapted(a)
+
+    def feed_forward_block(self, h: Tensor) -> Tensor:
+        z = self.post_attention_layernorm(h)
+        return h + self.mlp(z) + self.ffn_adapter(z)
+
+
+# --- the module that owns the layer loop -------------------------------------------------
+
+
+class MeftDecoderStack:
+    """Mixin for the HF module that runs the layers (``OPTDecoder``, ``LlamaModel``): its
+    ``layers`` become a reversible stack on two streams. Knobs as ``MeftEncoder``'s."""
+
+    layers: nn.ModuleList
+    num_rev_layers: int
+    stream_dtype: torch.dtype | None
+    anchor_every: int | None
+    fp32_stack: bool  # run the stack in float32 under bf16 autocast (see MeftEncoder)
+
+    def run_layers(self, h: Tensor, context: DecoderContext) -> Tensor:
+        """Both streams start from ``h``; their average comes back (before the final norm)."""
+        with self.precision_context(h):
+            h0 = h.float() if self.fp32_stack else h
+            x1, x2 = reversible_stack(h0, h0, self.layers, (context,), num_rev=self.num_rev_layers,
+                                      stream_dtype=self.stream_dtype, anchor_every=self.anchor_every)
+        return ((x1 + x2) / 2).to(h.dtype)
+
+    def precision_context(self, x: Tensor):
+        return torch.autocast(x.device.type, enabled=False) if self.fp32_stack else contextlib.nullcontext()
+
+
+def _check_call(use_cache, past_key_values, kwargs) -> None:
+    if use_cache or past_key_values is not None:
+        raise ValueError("MEFT decoder: KV caches are not supported (training/scoring only); "
+                         "call with use_cache=False and no past_key_values")
+    for flag in ("output_hidden_states", "output_attentions"):
+        if kwargs.get(flag):
+            raise ValueError(f"MEFT decoder: {flag}=True is not supported (the HF layers it hooks are replaced); "
+                             f"call with {flag}=False")
+
+
+def _inputs_embeds(module, input_ids, inputs_embeds) -> Tensor:
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    return module.embed_tokens(input_ids.view(-1, input_ids.shape[-1])) if inputs_embeds is None else inputs_embeds
+
+
+class MeftOPTDecoder(MeftDecoderStack, OPTDecoder):
+    """``OPTDecoder`` with its layers run as a MEFT stack (``OPTDecoder.forward``, minus caching)."""
+
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None,
+                use_cache=None, position_ids=None, **kwargs) -> BaseModelOutputWithPast:
+        _check_call(use_cache, past_key_values, kwargs)
+        inputs_embeds = _inputs_embeds(self, input_ids, inputs_embeds)
+        # learned positions count only the non-pad tokens (pads get position -1, as in HF)
+        position_mask = attention_mask
+        if position_mask is None:
+            position_mask = torch.ones(inputs_embeds.shape[:2], device=inputs_embeds.device)
+        if position_ids is None:
+            position_ids = (torch.cumsum(position_mask, dim=1) * position_mask - 1).long()
+        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  past_key_values=None)
+        pos_embeds = self.embed_positions(position_mask, 0, position_ids=position_ids)
+        if self.project_in is not None:  # OPT-350m: word_embed_proj_dim -> hidden_size
+            inputs_embeds = self.project_in(inputs_embeds)
+        h = self.run_layers(inputs_embeds + pos_embeds, DecoderContext(mask))
+        if self.final_layer_norm is not None:  # pre-LN OPTs only
+            h = self.final_layer_norm(h)
+        if self.project_out is not None:
+            h = self.project_out(h)
+        return BaseModelOutputWithPast(last_hidden_state=h)
+
+
+class MeftLlamaModel(MeftDecoderStack, LlamaModel):
+    """``LlamaModel`` with its layers run as a MEFT stack (``LlamaModel.forward``, minus caching)."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+        _check_call(use_cache, past_key_values, kwargs)
+        inputs_embeds = _inputs_embeds(self, input_ids, inputs_embeds)
+        if position_ids is None:
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
+        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  past_key_values=None, position_ids=position_ids)
+        rotary = self.rotary_emb(inputs_embeds, position_ids=position_ids)  # (cos, sin), no grad
+        h = self.run_layers(inputs_embeds, DecoderContext(mask, rotary))
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h))
+
+
+# --- install ---------------------------------------------------------------------------
+
+# model_type -> (the module owning the loop, given the HF base model; its MEFT class; the layer class;
+#                the adapter dropout when method.adapter_dropout is null)
+_ARCHS = {
+    "opt": (lambda base: base.decoder, MeftOPTDecoder, OPTMeftLayer, lambda config: config.dropout),
+    "llama": (lambda base: base, MeftLlamaModel, LlamaMeftLayer, lambda config: 0.0),  # no hidden dropout
+}
+
+
+def install(model: nn.Module, variant: Variant, lam: float, beta: float, num_rev_layers: int | None,
+            bottleneck: int, activation: str, dropout: float | None, adapter_layernorm: bool,
+            stream_dtype: torch.dtype | None = None, anchor_every: int | None = None) -> nn.Module:
+    """Make the decoder of an OPT/LLaMA model (bare, causal LM, sequence classification, QA) a
+    MEFT stack, in place; returns the HF base model (``OPTModel``/``LlamaModel``)."""
+    config = model.config
+    owner_of, meft_cls, layer_cls, default_dropout = _ARCHS[config.model_type]
+    base = model.base_model
+    owner = owner_of(base)
+    if isinstance(owner, MeftDecoderStack):
+        raise ConfigError(f"method={variant.name}: {type(model).__name__} already has MEFT applied; "
+                          "apply a method once, to a fresh pre-trained model")
+    if getattr(config, "layerdrop", 0.0) > 0:
+        raise ConfigError(f"method={variant.name}: the model's config.layerdrop={config.layerdrop} skips layers at "
+                          "random, MEFT needs a fixed reversible stack; set config.layerdrop=0")
+    layers = owner.layers
+    n = len(layers)
+    k = n if num_rev_layers is None else num_rev_layers
+    if k > n:
+        raise ConfigError(f"method.num_rev_layers={num_rev_layers}: {type(model).__name__} has {n} layers; "
+                          f"choose 0..{n}, or null for all")
+
+    ref = next(layers[0].parameters())  # new modules follow the model's dtype and device
+    eps = getattr(config, "rms_norm_eps", 1e-5)  # adapter LayerNorm eps (OPT's LayerNorms use 1e-5)
+    kw = dict(dim=config.hidden_size, bottleneck=bottleneck, activation=activation,
+              dropout=default_dropout(config) if dropout is None else dropout,
+              layernorm_eps=eps, dtype=ref.dtype, device=ref.device)
+    owner.layers = nn.ModuleList([
+        layer_cls(layer, variant, lam, beta,
+                  make_adapter=lambda: Adapter(**kw),
+                  make_rev_adapter=lambda: Adapter(layernorm=adapter_layernorm, **kw))
+        for layer in layers
+    ])
+    # same object, same sub-modules and keys; only forward changes (see the module docstring)
+    owner.__class__ = meft_cls
+    owner.num_rev_layers, owner.stream_dtype, owner.anchor_every, owner.fp32_stack = k, stream_dtype, anchor_every, False
+    return base
