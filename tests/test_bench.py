@@ -61,3 +61,22 @@ def test_bench_bad_input(args, needle, capsys, tmp_path):
 def test_cli_dispatch(capsys):
     assert cli_main(["nope"]) == 2 and "unknown command 'nope'" in capsys.readouterr().err
     assert cli_main(["--help"]) == 0 and "memtl bench" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("geometry", ["tiny-bart", "tiny-opt", "tiny-llama"])
+def test_bench_other_architectures(tmp_path, geometry):
+    """BART, OPT and LLaMA geometries: every method of the issue's rows side by side, the
+    depth axis sets every stack."""
+    methods = ["lora", "lora+ckpt", "meft1", "meft2", "meft3", "sherl"]
+    rc = main(["--geometry", geometry, "--layers", "2,3", "--methods", ",".join(methods), "--batch-size", "2",
+               "--seq-len", "16", "--steps", "1", "--out", str(tmp_path), "--no-plots"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [(r["method"], r["layers"]) for r in rows] == [(m, d) for d in (2, 3) for m in ("full", *methods)]
+    by = {(r["method"], r["layers"]): r for r in rows}
+    for r in rows:
+        assert r["peak_step_mib"] > 0 and r["peak_step_ratio"] == pytest.approx(
+            r["peak_step_mib"] / by[("full", r["layers"])]["peak_step_mib"])
+        assert r["trainable_params"] <= by[("full", r["layers"])]["trainable_params"]
+    # deeper stacks hold more activations under full fine-tuning
+    assert by[("full", 3)]["saved_tensor_mib"] > by[("full", 2)]["saved_tensor_mib"]
