@@ -399,9 +399,10 @@ def test_gradcheck_command_table(tmp_path, capsys):
     assert cli_main(["gradcheck", "--skip-minilm", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert {(r["variant"], r["backbone"]) for r in rows} == {
-        (v, f"tiny {a}") for v in ("meft1", "meft2", "meft3") for a in ("bert", "roberta")}
+        (v, f"tiny {a}") for v in ("meft1", "meft2", "meft3")
+        for a in ("bert", "roberta", "bart", "opt", "opt-350m", "llama")}
     for r in rows:
-        assert max(r["all layers"], r["2 of 4 layers"], r["dropout 0.1"], r["anchor every 2"]) <= 1e-8, r
+        assert max(r["all layers"], r["bottom half"], r["dropout 0.1"], r["anchor every 2"]) <= 1e-8, r
     assert "reversible vs plain autograd" in capsys.readouterr().out
 
 

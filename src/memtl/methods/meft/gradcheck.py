@@ -4,8 +4,11 @@ For every variant and backbone, the gradients of every trainable parameter with 
 reversible backward against plain autograd through the same maths (``num_rev_layers=0``),
 as the worst relative error over parameters (‖g_rev − g_plain‖ / ‖g_plain‖):
 
-* tiny random BERT and RoBERTa (4 layers, hidden 32) in float64, dropout off, a padded
-  batch: all layers reversible, and 2 of 4 (partial); with dropout on (0.1, same seed,
+* tiny random BERT and RoBERTa (4 layers, hidden 32), BART (2 encoder + 2 decoder layers,
+  both stacks reversible: the encoder adapters' gradients come through the decoder's
+  encoder-output gradient), OPT (pre-LayerNorm; and the post-LayerNorm OPT-350m form with
+  in/out projections) and LLaMA (3 layers each) in float64, dropout off, a padded batch:
+  all layers reversible, and the bottom half (partial); with dropout on (0.1, same seed,
   so the recompute must replay the forward's masks);
 * the pre-trained MiniLM (6 layers) in float32, dropout off — what training here gets —
   and with ``stream_dtype=float64`` or ``anchor_every`` = 2 / 1 (exact streams kept
@@ -29,10 +32,24 @@ from memtl.methods import apply_method
 VARIANTS = ("meft1", "meft2", "meft3")
 
 
-def _encoder(model):
-    from memtl.methods.meft.bert import MeftEncoder
+ARCHS = ("bert", "roberta", "bart", "opt", "opt-350m", "llama")
 
-    return next(m for m in model.modules() if isinstance(m, MeftEncoder))
+
+def _stacks(model) -> list:
+    """The reversible stacks of a MEFT model (BART: encoder and decoder)."""
+    from memtl.methods.meft.bart import MeftBartEncoder, MeftBartDecoder
+    from memtl.methods.meft.bert import MeftEncoder
+    from memtl.methods.meft.decoder import MeftDecoderStack
+
+    kinds = (MeftEncoder, MeftBartEncoder, MeftBartDecoder, MeftDecoderStack)
+    return [m for m in model.modules() if isinstance(m, kinds)]
+
+
+def _set(model, **attrs):
+    for stack in _stacks(model):
+        for k, v in attrs.items():
+            setattr(stack, k, v)
+    return model
 
 
 def _grads(model, batch, seed=0):
@@ -51,43 +68,78 @@ def max_rel_err(a: dict, b: dict) -> float:
 
 
 def tiny_model(arch: str, variant: str, dropout: float, **opts):
-    from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+    import transformers
 
-    cls, cfg_cls = ((BertForSequenceClassification, BertConfig) if arch == "bert"
-                    else (RobertaForSequenceClassification, RobertaConfig))
+    common = dict(vocab_size=120, max_position_embeddings=64, num_labels=3)
+    if arch in ("bert", "roberta"):
+        cls = "BertForSequenceClassification" if arch == "bert" else "RobertaForSequenceClassification"
+        cfg = getattr(transformers, "BertConfig" if arch == "bert" else "RobertaConfig")(
+            hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+            hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, pad_token_id=PAD[arch], **common)
+    elif arch == "bart":
+        cls = "BartForSequenceClassification"
+        cfg = transformers.BartConfig(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                      decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                      dropout=dropout, attention_dropout=dropout, activation_dropout=dropout,
+                                      pad_token_id=PAD[arch], bos_token_id=0, eos_token_id=EOS,
+                                      decoder_start_token_id=EOS, **common)
+    elif arch in ("opt", "opt-350m"):
+        cls = "OPTForSequenceClassification"
+        cfg = transformers.OPTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, ffn_dim=64,
+                                     dropout=dropout, attention_dropout=dropout, pad_token_id=PAD[arch],
+                                     do_layer_norm_before=arch == "opt",
+                                     word_embed_proj_dim=16 if arch == "opt-350m" else 32, **common)
+    else:  # llama: no hidden dropout; attention dropout (and the adapters') carry the masks
+        cls = "LlamaForSequenceClassification"
+        cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=64, attention_dropout=dropout,
+                                       pad_token_id=PAD[arch], **common)
     torch.manual_seed(0)
-    cfg = cfg_cls(vocab_size=120, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
-                  max_position_embeddings=64, num_labels=3, hidden_dropout_prob=dropout,
-                  attention_probs_dropout_prob=dropout, pad_token_id=1 if arch == "roberta" else 0)
-    model = cls(cfg).to(torch.float64)
+    model = getattr(transformers, cls)(cfg).to(torch.float64)
     return apply_method(model, variant, **opts).train()
 
 
-def padded_batch(vocab: int, pad: int, n: int = 4, length: int = 12, labels: int = 3, seed: int = 1):
+PAD = {"bert": 0, "roberta": 1, "bart": 1, "opt": 1, "opt-350m": 1, "llama": 0}
+EOS = 2  # BART classifies from the representation of each row's (single) EOS token
+
+
+def padded_batch(vocab: int, pad: int, n: int = 4, length: int = 12, labels: int = 3, seed: int = 1,
+                 eos: int | None = None):
+    """Right-padded rows of different lengths; ``eos``: end each row's real tokens with it."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (n, length), generator=g)
     mask = torch.ones(n, length, dtype=torch.long)
     for i in range(1, n):
         mask[i, length - 2 * i:] = 0
+    if eos is not None:
+        ids[torch.arange(n), mask.sum(1) - 1] = eos
     ids[mask == 0] = pad
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.arange(n) % labels}
 
 
 def rev_vs_plain(model, batch, num_rev: int | None) -> float:
-    plain = copy.deepcopy(model)
-    _encoder(plain).num_rev_layers = 0
-    _encoder(model).num_rev_layers = num_rev
+    plain = _set(copy.deepcopy(model), num_rev_layers=0)
+    _set(model, num_rev_layers=num_rev if num_rev is not None else max(len(_layers(s)) for s in _stacks(model)))
     return max_rel_err(_grads(model, batch), _grads(plain, batch))
+
+
+def _layers(stack):
+    return getattr(stack, "layer", None) or stack.layers
+
+
+def _half(model) -> int:
+    return max(len(_layers(s)) for s in _stacks(model)) // 2 or 1
 
 
 def table(include_minilm: bool = True) -> list[dict]:
     rows = []
-    for arch in ("bert", "roberta"):
-        batch = padded_batch(120, 1 if arch == "roberta" else 0)
+    for arch in ARCHS:
+        batch = padded_batch(120, PAD[arch], eos=EOS if arch == "bart" else None)
         for variant in VARIANTS:
             row = {"variant": variant, "backbone": f"tiny {arch}", "dtype": "float64"}
             row["all layers"] = rev_vs_plain(tiny_model(arch, variant, 0.0), batch, None)
-            row["2 of 4 layers"] = rev_vs_plain(tiny_model(arch, variant, 0.0), batch, 2)
+            model = tiny_model(arch, variant, 0.0)
+            row["bottom half"] = rev_vs_plain(model, batch, _half(model))
             row["dropout 0.1"] = rev_vs_plain(tiny_model(arch, variant, 0.1, adapter_dropout=0.1), batch, None)
             row["anchor every 2"] = rev_vs_plain(tiny_model(arch, variant, 0.0, anchor_every=2), batch, None)
             rows.append(row)
@@ -117,7 +169,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows = table(include_minilm=not args.skip_minilm)
-    cols = ["all layers", "2 of 4 layers", "dropout 0.1", "stream float64", "anchor every 2", "anchor every 1"]
+    cols = ["all layers", "bottom half", "dropout 0.1", "stream float64", "anchor every 2", "anchor every 1"]
     print(f"{'variant':8} {'backbone':18} {'dtype':8} " + " ".join(f"{c:>14}" for c in cols))
     for r in rows:
         print(f"{r['variant']:8} {r['backbone']:18} {r['dtype']:8} "
