@@ -39,12 +39,12 @@ def choice_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
                     choice_len: torch.Tensor) -> torch.Tensor:
     """Summed log-probability of each row's last ``choice_len`` tokens under a causal LM.
 
-    Rows are left-padded (``attention_mask`` 0 on the left). Returns (rows,) in float32."""
+    Rows are left-padded (``attention_mask`` 0 on the left). Returns (rows,) in float32 (float64 for a float64 model)."""
     k = int(choice_len.max())
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # count from the first real token
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 logits_to_keep=k + 1, use_cache=False)
-    logits = out.logits[:, -k - 1:-1].float()  # position t predicts token t + 1: the last k tokens
+    logits = _upcast(out.logits[:, -k - 1:-1])  # position t predicts token t + 1: the last k tokens
     return _sum_target_logprobs(logits, input_ids[:, -k:], torch.arange(k, device=input_ids.device)[None]
                                 >= (k - choice_len)[:, None])
 
@@ -60,7 +60,12 @@ def seq2seq_choice_logprobs(model: nn.Module, input_ids: torch.Tensor, attention
     valid = torch.arange(targets.shape[1], device=targets.device)[None] < choice_len[:, None]
     out = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
                 decoder_attention_mask=valid.long(), use_cache=False)
-    return _sum_target_logprobs(out.logits.float(), targets, valid)
+    return _sum_target_logprobs(_upcast(out.logits), targets, valid)
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    # half-precision logits (bf16/fp16 runs) lose the small log-probability differences
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _sum_target_logprobs(logits, targets, valid) -> torch.Tensor:
@@ -104,5 +109,5 @@ class MultipleChoiceModel(nn.Module):
             batch = int(row_question.max()) + 1 if labels is None else len(labels)
             logits = scores.new_full((batch, int(row_choice.max()) + 1), torch.finfo(scores.dtype).min)
             logits = logits.index_put((row_question, row_choice), scores)
-        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        loss = F.cross_entropy(_upcast(logits), labels) if labels is not None else None
         return MultipleChoiceOutput(loss=loss, logits=logits)
