@@ -291,6 +291,39 @@ def test_train_cli(backbone, method, tmp_path):
         assert p["trainable"] < p["total"] / 50  # q_proj/v_proj adapters; the LM head stays frozen
 
 
+@pytest.mark.parametrize("backbone,method", [("tiny_bert", "meft1"), ("tiny_roberta", "sherl")])
+def test_memory_efficient_methods_on_the_multiple_choice_head(backbone, method, tmp_path):
+    from conftest import compose
+
+    from memtl.run import run
+
+    res = run(compose([f"backbone={backbone}", f"method={method}", "task=qa/arc_challenge", *CLI_SMOKE], tmp_path))
+    assert res["status"] == "completed" and 0 <= res["metrics"]["accuracy"] <= 1
+    assert 0 < res["params"]["trainable"] < res["params"]["total"] / 50
+
+
+def test_crash_then_rerun_resumes_exactly(tmp_path):
+    """QA batches go through GLUE's resumable sampler: a run that crashed mid-epoch 1 and
+    was rerun ends with the same history and weights as an uninterrupted one."""
+    from conftest import compose
+    from test_resume import assert_same_run, stop_once
+
+    from memtl.run import run
+
+    common = ["backbone=tiny_llama", "method=lora", "task=qa/arc_easy", "data.max_train_samples=40",
+              "data.max_eval_samples=8", "data.batch_size=8", "trainer.max_epochs=2",
+              "callbacks.last_checkpoint.every_n_steps=2", "callbacks.memory.measure_batches=[1]",
+              "trainer.enable_progress_bar=false", "optim.lr=1e-3", "logger=none"]
+    run(compose(common, tmp_path / "whole"))
+    cfg = compose([*common, *stop_once(8, tmp_path / "crashed", "crash")], tmp_path / "run")
+    with pytest.raises(RuntimeError, match="planned crash at global step 8"):
+        run(cfg)
+    res = run(cfg)
+    assert res["resumed"]["global_step"] == 7 and res["resumed"]["epoch"] == 1
+    assert_same_run(tmp_path / "whole", tmp_path / "run")
+    assert res["test"]["accuracy"] == json.loads((tmp_path / "whole" / "results.json").read_text())["test"]["accuracy"]
+
+
 @pytest.mark.parametrize("args,needle", [
     (["task=qa/squad"], "unknown task 'qa/squad': choose one of"),
     (["task=qa/sciq"], "sciq/train: no local file"),
