@@ -78,6 +78,31 @@ def test_missing_local_files_name_the_file_and_the_hub():
         read_qa_split("piqa", "test", SHARED_DATA)
 
 
+def test_hub_columns_give_the_same_rows_as_the_local_files():
+    """The hub fallback's converters, fed the hub's column layout built from local rows."""
+    import datasets
+
+    from memtl.data.qa import _hub_rows
+
+    local = read_qa_split("arc_challenge", "validation", SHARED_DATA)[:20]
+    raw = [json.loads(ln) for ln in (SHARED_DATA / "ARC" / "ARC-Challenge" / "ARC-Challenge-Dev.jsonl")
+           .read_text().splitlines()[:20]]
+    hub = datasets.Dataset.from_list([{"id": r["id"], "question": r["question"]["stem"], "answerKey": r["answerKey"],
+                                       "choices": {"text": [c["text"] for c in r["question"]["choices"]],
+                                                   "label": [c["label"] for c in r["question"]["choices"]]}}
+                                      for r in raw])
+    assert _hub_rows(get_qa_task("arc_challenge"), hub) == local
+    sciq = json.loads((SHARED_DATA / "sciq" / "valid.json").read_text())[:20]
+    assert _hub_rows(get_qa_task("sciq"), datasets.Dataset.from_list(sciq)) == \
+        read_qa_split("sciq", "validation", SHARED_DATA)[:20]  # same seeded choice order
+    piqa = [json.loads(ln) for ln in (SHARED_DATA / "piqa" / "valid.jsonl").read_text().splitlines()[:20]]
+    labels = (SHARED_DATA / "piqa" / "valid-labels.lst").read_text().split()[:20]
+    hub = datasets.Dataset.from_list([{"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": int(lab)}
+                                      for r, lab in zip(piqa, labels)])
+    assert [{k: v for k, v in r.items() if k != "id"} for r in _hub_rows(get_qa_task("piqa"), hub)] == \
+        [{k: v for k, v in r.items() if k != "id"} for r in read_qa_split("piqa", "validation", SHARED_DATA)[:20]]
+
+
 def test_openbookqa_prefers_an_official_dev_file(tmp_path):
     main = tmp_path / "openbookqa" / "Main"
     main.mkdir(parents=True)

@@ -300,11 +300,8 @@ def read_sciq(path) -> list[dict]:
 READERS = {"arc": read_arc_jsonl, "nutcracker": read_obqa_nutcracker, "piqa": read_piqa, "sciq": read_sciq}
 
 
-def _from_hub(task: QATask, split: str) -> list[dict]:
-    import datasets
-
-    path, config = task.hub
-    ds = datasets.load_dataset(path, config, split=split)
+def _hub_rows(task: QATask, ds) -> list[dict]:
+    """The hub copies' columns -> our rows (ai2_arc, openbookqa/main, ybisk/piqa, allenai/sciq)."""
     rows = []
     for r in ds:
         if task.name.startswith("arc") or task.name == "openbookqa":
@@ -337,7 +334,9 @@ def read_qa_split(task, split: str = "train", root=None) -> list[dict]:
                 return READERS[fmt](*paths)
             looked.append(str(paths[0]))
     try:  # no local copy: the hub (fails fast when HF_HUB_OFFLINE=1)
-        rows = _from_hub(task, split)
+        import datasets
+
+        ds = datasets.load_dataset(task.hub[0], task.hub[1], split=split)
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         where = (f"no local file {' nor '.join(looked)}" if looked
@@ -348,7 +347,7 @@ def read_qa_split(task, split: str = "train", root=None) -> list[dict]:
                           f"({type(e).__name__}: {reason}); go online (HF_HUB_OFFLINE=0) to load it from the hub, "
                           "or set data.root=<folder laid out like ../shared/data with that file>") from None
     log.info("%s/%s: no local file, loaded %s from the hub", task.name, split, task.hub[0])
-    return rows
+    return _hub_rows(task, ds)
 
 
 # -----------------------------------------------------------------------------
