@@ -494,7 +494,7 @@ class QADataModule(L.LightningDataModule):
     def __init__(self, task, tokenizer, head: str, root=None, max_length: int = 128, batch_size: int = 16,
                  eval_batch_size: int | None = None, max_train_samples: int | None = None,
                  max_eval_samples: int | None = None, group_by_length: bool = False, num_workers: int = 0,
-                 seed: int = 42, protocol: str = "dev", **_ignored):
+                 seed: int = 42, protocol: str = "dev"):
         super().__init__()
         from memtl.data.glue import _resolve_root, check_data_options
 
