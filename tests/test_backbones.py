@@ -86,6 +86,18 @@ def test_glue_end_to_end(name, method, glue_root, tmp_path):
         assert 0 < p["trainable"] < p["total"] / 10
 
 
+@pytest.mark.parametrize("task", ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte"])
+def test_bart_on_every_glue_format(task, glue_root, tmp_path):
+    """BART classifies (and regresses, STS-B) from its last EOS: single sentences and pairs
+    carry the same number of EOS tokens within a task, as BartForSequenceClassification requires."""
+    from memtl.data import get_task
+
+    cfg = compose(["backbone=tiny_bart", "method=full", f"task=glue/{task}", f"data.root={glue_root}", *SMOKE],
+                  tmp_path)
+    res = run(cfg)
+    assert res["status"] == "completed" and set(res["metrics"]) == set(get_task(task).metric_keys)
+
+
 def test_glue_through_the_cli_on_stsb(glue_root, tmp_path):
     out = tmp_path / "run"
     proc = run_cli(["backbone=tiny_opt", "method=lora", "task=glue/stsb", f"data.root={glue_root}", *SMOKE,

@@ -327,6 +327,17 @@ def test_memory_efficient_methods_on_the_multiple_choice_head(backbone, method, 
     assert 0 < res["params"]["trainable"] < res["params"]["total"] / 50
 
 
+@pytest.mark.parametrize("backbone", ["tiny_llama", "tiny_bart", "tiny_bert"])
+def test_bf16_mixed_precision(backbone, tmp_path):
+    from conftest import compose
+
+    from memtl.run import run
+
+    res = run(compose([f"backbone={backbone}", "method=full", "task=qa/openbookqa", *CLI_SMOKE,
+                       "trainer.precision=bf16-mixed"], tmp_path))
+    assert res["status"] == "completed" and 0 <= res["metrics"]["accuracy"] <= 1
+
+
 def test_crash_then_rerun_resumes_exactly(tmp_path):
     """QA batches go through GLUE's resumable sampler: a run that crashed mid-epoch 1 and
     was rerun ends with the same history and weights as an uninterrupted one."""
