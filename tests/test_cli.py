@@ -6,9 +6,11 @@ from conftest import run_cli
 def test_help_lists_groups_and_options():
     proc = run_cli(["--help"])
     assert proc.returncode == 0
-    for line in ("backbone: bert_base, minilm, roberta_base, roberta_large, tiny_bert, tiny_roberta",
+    for line in ("backbone: bart_base, bart_large, bert_base, minilm, opt_125m, opt_1_3b, opt_350m, roberta_base, "
+                 "roberta_large, smollm2_135m, tiny_bart, tiny_bert, tiny_llama, tiny_opt, tiny_roberta",
                  "method: full", "trainer: cpu, ddp, gpu", "logger: csv, none, wandb",
-                 "task/glue: cola, mnli, mrpc, qnli, qqp, rte, sst2, stsb"):
+                 "task/glue: cola, mnli, mrpc, qnli, qqp, rte, sst2, stsb",
+                 "task/qa: arc_challenge, arc_easy, openbookqa, piqa, sciq"):
         assert line in proc.stdout, line
     assert "gradient_checkpointing" in proc.stdout and "max_train_samples" in proc.stdout
 
@@ -17,7 +19,7 @@ BAD = [
     (["method=nope"], "unknown method 'nope': choose one of full, lora"),
     (["-m", "method=full,nope"], "unknown method 'nope'"),
     (["task=glue/foo"], "unknown task 'glue/foo': choose one of glue/cola"),
-    (["backbone=gpt9"], "unknown backbone 'gpt9': choose one of bert_base"),
+    (["backbone=gpt9"], "unknown backbone 'gpt9': choose one of bart_base"),
     (["method.foo=1"], "unknown key 'method.foo': the keys under 'method' are gradient_checkpointing, lr, name"),
     (["+method.foo=1"], "method 'full' has no option 'foo'"),
     (["method=full,"], "cannot parse the command line"),

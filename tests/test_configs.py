@@ -22,8 +22,11 @@ def options(group: str) -> list[str]:
 
 
 def test_the_groups_the_framework_promises_exist():
-    assert set(options("task")) == {f"glue/{t}" for t in ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte")}
-    assert {"minilm", "bert_base", "roberta_base", "roberta_large", "tiny_bert", "tiny_roberta"} <= set(options("backbone"))
+    assert set(options("task")) == ({f"glue/{t}" for t in ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte")}
+                                    | {f"qa/{t}" for t in ("openbookqa", "piqa", "arc_easy", "arc_challenge", "sciq")})
+    assert {"minilm", "bert_base", "roberta_base", "roberta_large", "tiny_bert", "tiny_roberta", "bart_base",
+            "bart_large", "opt_125m", "opt_350m", "opt_1_3b", "smollm2_135m", "tiny_bart", "tiny_opt",
+            "tiny_llama"} <= set(options("backbone"))
     assert {"full", "lora"} <= set(options("method"))
     assert set(options("trainer")) == {"cpu", "gpu", "ddp"}
     assert set(options("logger")) == {"wandb", "csv", "none"}

@@ -1,6 +1,6 @@
 """GLUE metrics on torchmetrics (so they sync across DDP ranks), exactly as GLUE defines them:
 CoLA Matthews correlation, STS-B Pearson + Spearman, MRPC/QQP accuracy + F1 of class 1,
-accuracy elsewhere.
+accuracy elsewhere. Multiple-choice QA: accuracy over the (batch, choices) scores.
 
 Keys returned by `compute()`: the task's `metrics` names, prefixed with `prefix`
 (use `task.eval_prefixes[dataloader_idx]`: "" for the first eval split, "mm_" for MNLI
@@ -15,7 +15,8 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
-from memtl.data.glue import GlueTask, get_task
+from memtl.data import get_task
+from memtl.data.glue import GlueTask
 
 
 def main_metric_mode(name: str) -> str:
@@ -46,7 +47,7 @@ class MatthewsCorrCoef(Metric):
 class GlueMetrics(nn.Module):
     """update(logits_or_preds, labels) per batch, compute() -> {key: float}, reset() per epoch."""
 
-    def __init__(self, task: GlueTask | str, prefix: str = ""):
+    def __init__(self, task: GlueTask | str, prefix: str = ""):  # or a memtl.data.qa.QATask
         super().__init__()
         self.task, self.prefix = get_task(task), prefix
         make = {

@@ -1,7 +1,8 @@
-"""The LightningModule: one for every method and every GLUE-style task.
+"""The LightningModule: one for every method, every GLUE task and multiple-choice QA.
 
 The wrapped model is whatever ``apply_method`` returned (a plain HF model, a peft model,
-a reversible model ...): the module only calls it with the batch and reads ``loss`` and
+a reversible model ...), for QA inside ``memtl.scoring.MultipleChoiceModel`` (logits =
+one score per choice): the module only calls it with the batch and reads ``loss`` and
 ``logits``. Model selection tracks the task's main metric on the first eval split.
 """
 from __future__ import annotations

@@ -39,7 +39,14 @@ def validate(cfg: DictConfig) -> None:
     from memtl.methods import method_options
 
     method_options(cfg.method.name, **method_kwargs(cfg.method))
-    get_task(cfg.task.name, cfg.task.get("main_metric"))
+    task = get_task(cfg.task.name, cfg.task.get("main_metric"), cfg.task.get("length_norm"))
+    _check(getattr(task, "family", "glue") != "qa" or d_protocol(cfg) == "dev",
+           f"data.protocol={d_protocol(cfg)} is a GLUE protocol; {task.name} trains on train, selects on "
+           "validation and reports test: set data.protocol=dev")
+    if getattr(task, "family", "glue") == "qa" and cfg.backbone.get("model_type"):
+        from memtl.backbones import qa_head
+
+        qa_head(cfg.backbone.model_type)  # an architecture without QA support: say so before loading
     _check(_is_int(cfg.seed), f"seed={cfg.seed}: must be an integer")
     o = cfg.optim
     _check(_is_num(o.lr) and o.lr > 0, f"optim.lr={o.lr}: the learning rate must be > 0")
@@ -123,9 +130,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if not module.history and not trainer.interrupted:
             # stopped (max_steps) before any evaluation: evaluate the final weights once
             trainer.validate(module, datamodule=datamodule, verbose=False)
-        if d_protocol(cfg) == "lst" and not trainer.interrupted:
-            # LST protocol: the official dev set (or its second half) is the test set,
-            # scored once with the weights selected on the held-out validation split
+        if (d_protocol(cfg) == "lst" or getattr(datamodule, "has_test", False)) and not trainer.interrupted:
+            # LST protocol: the official dev set (or its second half) is the test set; QA tasks
+            # with a labeled test split: that split. Scored once with the selected weights
             best = getattr(trainer.checkpoint_callback, "best_model_path", None)
             trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         results["status"] = "interrupted" if trainer.interrupted else "completed"
@@ -284,31 +291,39 @@ def build(cfg: DictConfig):
     import hydra
     import lightning as L
 
-    from memtl.backbones import load_model, load_tokenizer, max_positions
+    from memtl.backbones import load_model, load_tokenizer, max_positions, model_type, qa_head
     from memtl.callbacks import MemoryMonitor, NonFiniteGuard
-    from memtl.data import GlueDataModule, get_task
+    from memtl.data import GlueDataModule, QADataModule, get_task
     from memtl.methods import apply_method, count_parameters
     from memtl.module import FineTuneModule
+    from memtl.scoring import MultipleChoiceModel
 
     _quiet_duplicate_logs()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    task = get_task(cfg.task.name, cfg.task.get("main_metric"))
+    task = get_task(cfg.task.name, cfg.task.get("main_metric"), cfg.task.get("length_norm"))
+    qa = getattr(task, "family", "glue") == "qa"
+    # GLUE: a sequence-classification head; QA: the LM head (decoders, BART) or a multiple-choice head
+    head = qa_head(model_type(cfg.backbone)) if qa else "sequence_classification"
     tokenizer = load_tokenizer(cfg.backbone)
     d = cfg.data
-    datamodule = GlueDataModule(
-        task=task, tokenizer=tokenizer, root=d.root, max_length=d.max_length, batch_size=d.batch_size,
-        eval_batch_size=d.eval_batch_size, max_train_samples=d.max_train_samples,
-        max_eval_samples=d.max_eval_samples, group_by_length=d.group_by_length, num_workers=d.num_workers,
-        seed=cfg.seed, cache_dir=d.cache_dir, protocol=d.protocol, split_seed=d.split_seed,
-    )
+    common = dict(task=task, tokenizer=tokenizer, root=d.root, max_length=d.max_length, batch_size=d.batch_size,
+                  eval_batch_size=d.eval_batch_size, max_train_samples=d.max_train_samples,
+                  max_eval_samples=d.max_eval_samples, group_by_length=d.group_by_length,
+                  num_workers=d.num_workers, seed=cfg.seed, protocol=d.protocol)
+    if qa:
+        datamodule = QADataModule(head=head, **common)
+    else:
+        datamodule = GlueDataModule(cache_dir=d.cache_dir, split_seed=d.split_seed, **common)
     datamodule.prepare_data()  # missing or malformed data fails here, before the model is loaded
 
-    model = load_model(cfg.backbone, task.num_labels, tokenizer)
+    model = load_model(cfg.backbone, task.num_labels, tokenizer, head=head)
     limit = max_positions(model)
     _check(limit is None or cfg.data.max_length <= limit,
            f"data.max_length={cfg.data.max_length} exceeds backbone {cfg.backbone.name}'s {limit} positions: "
            f"set data.max_length<={limit}")
     model = apply_method(model, cfg.method.name, **method_kwargs(cfg.method))
+    if qa:  # one score per choice (memtl.scoring): logits (batch, choices) and their cross-entropy
+        model = MultipleChoiceModel(model, head, task.length_norm)
     model.train()  # from_pretrained returns eval mode and Lightning keeps modes as found: dropout on
     params = count_parameters(model)
     log.info("method %s on %s: %s trainable of %s parameters (%.2f%%)", cfg.method.name, cfg.backbone.name,

@@ -13,6 +13,9 @@ from memtl.methods.checkpointing import enable_gradient_checkpointing
 DEFAULT_TARGETS = {
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
+    "bart": ["q_proj", "v_proj"],  # encoder self-, decoder self- and cross-attention
+    "opt": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"],
 }
 
 
