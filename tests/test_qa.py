@@ -393,3 +393,25 @@ def test_smollm2_zero_shot_scoring():
         out = MultipleChoiceModel(model, "causal_lm", "char")(**batch)
     assert torch.isfinite(out.loss) and out.logits.shape == (4, 4)
     assert out.logits[0].argmax() == 1  # Paris
+
+
+def test_eval_before_training_reports_the_starting_point(tmp_path):
+    """eval_before=true: the dev accuracy of the model as the method leaves it at init, kept
+    apart from the training history (model selection sees trained weights only)."""
+    from conftest import compose
+
+    from memtl.run import run
+
+    cfg = compose(["backbone=tiny_llama", "method=meft1", "task=qa/arc_easy", *CLI_SMOKE, "eval_before=true"], tmp_path)
+    res = run(cfg)
+    assert res["status"] == "completed" and set(res["initial"]) == {"accuracy"}
+    assert len(res["history"]) == 1 and res["best"]["step"] == res["history"][0]["step"] > 0
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["initial"] == res["initial"]
+    # the same model, evaluated without training, gives the same number
+    assert "test" in res  # ARC-Easy has a labelled test split ...
+    cfg2 = compose(["backbone=tiny_llama", "method=meft1", "task=qa/arc_easy", *CLI_SMOKE, "eval_before=true",
+                    "trainer.limit_train_batches=1", "optim.lr=1e-12", "data.test=false"], tmp_path / "again")
+    again = run(cfg2)
+    assert again["initial"] == res["initial"]
+    assert "test" not in again  # ... not scored with data.test=false

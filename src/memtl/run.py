@@ -48,6 +48,9 @@ def validate(cfg: DictConfig) -> None:
 
         qa_head(cfg.backbone.model_type)  # an architecture without QA support: say so before loading
     _check(_is_int(cfg.seed), f"seed={cfg.seed}: must be an integer")
+    _check(isinstance(cfg.data.get("test", True), bool), f"data.test={cfg.data.get('test')}: must be true or false")
+    _check(isinstance(cfg.get("eval_before", False), bool),
+           f"eval_before={cfg.get('eval_before')}: must be true or false")
     o = cfg.optim
     _check(_is_num(o.lr) and o.lr > 0, f"optim.lr={o.lr}: the learning rate must be > 0")
     _check(_is_num(o.weight_decay) and o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: must be >= 0")
@@ -126,11 +129,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainer, module, datamodule, monitor, params = build(cfg)
         results["params"] = params
         write_results(output_dir, results)
+        if cfg.get("eval_before") and not resume:
+            # the starting point (pre-trained model + method at init) on the dev split; kept
+            # apart from the training history so model selection only sees trained weights
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+            initial = module.history.pop()
+            module.best = None
+            results["initial"] = {k: v for k, v in initial.items() if k not in ("epoch", "step")}
+            log.info("before training: %s", " ".join(f"{k}={v:.4f}" for k, v in results["initial"].items()))
+            write_results(output_dir, results)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume["from"] if resume else None)
         if not module.history and not trainer.interrupted:
             # stopped (max_steps) before any evaluation: evaluate the final weights once
             trainer.validate(module, datamodule=datamodule, verbose=False)
-        if (d_protocol(cfg) == "lst" or getattr(datamodule, "has_test", False)) and not trainer.interrupted:
+        if cfg.data.get("test", True) and (d_protocol(cfg) == "lst" or getattr(datamodule, "has_test", False)) \
+                and not trainer.interrupted:
             # LST protocol: the official dev set (or its second half) is the test set; QA tasks
             # with a labeled test split: that split. Scored once with the selected weights
             best = getattr(trainer.checkpoint_callback, "best_model_path", None)
