@@ -122,6 +122,8 @@ CASES = [
     ("train", ["--foo"], None, "unknown option --foo: train.py takes -m (a sweep) and key=value overrides", 2),
     ("train", ["method=lora", "-m", "seed=1,2"], None, "-m in the middle of the overrides: put it first", 2),
     ("train", ["data.batch_size=abc"], None, "data.batch_size='abc' is invalid; set it to an integer >= 1", 2),
+    ("train", ["eval_before=maybe"], None, "eval_before=maybe: must be true or false", 2),
+    ("train", ["data.test=2"], None, "data.test=2: must be true or false", 2),
     ("train", ["optim.lr=abc"], None, "optim.lr=abc: the learning rate must be > 0", 2),
     ("train", ["seed=abc"], None, "seed=abc: must be an integer", 2),
     ("train", ["data.max_length=4"], None, "data.max_length=4: must be >= 8", 2),
