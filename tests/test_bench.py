@@ -13,7 +13,7 @@ def test_bench_table_contract(tmp_path, capsys):
     assert rc == 0
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert [(r["method"], r["layers"]) for r in rows] == [
-        (m, d) for d in (2, 4) for m in ("full", "lora", "full+ckpt", "meft2")]  # full added first
+        (m, d) for d in (2, 4) for m in ("full", "lora", "full+ckpt", "lora+ckpt", "meft2")]  # the peers come first
     for r in rows:
         full = next(f for f in rows if f["method"] == "full" and f["layers"] == r["layers"])
         assert r["peak_step_mib"] > 0 and r["step_time_s"] > 0
@@ -33,7 +33,7 @@ def test_bench_table_contract(tmp_path, capsys):
 
 def test_bench_grid_of_lengths_and_batches(tmp_path):
     rc = main(["--geometry", "tiny", "--methods", "meft3", "--batch-size", "1,2", "--seq-len", "8,32", "--steps", "1",
-               "--out", str(tmp_path)])
+               "--out", str(tmp_path), "--no-peers"])
     assert rc == 0
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert {(r["method"], r["batch_size"], r["seq_len"]) for r in rows} == {
@@ -67,12 +67,13 @@ def test_cli_dispatch(capsys):
 def test_bench_other_architectures(tmp_path, geometry):
     """BART, OPT and LLaMA geometries: every method of the issue's rows side by side, the
     depth axis sets every stack."""
-    methods = ["lora", "lora+ckpt", "meft1", "meft2", "meft3", "sherl"]
+    methods = ["meft1", "meft2", "meft3", "sherl"]
     rc = main(["--geometry", geometry, "--layers", "2,3", "--methods", ",".join(methods), "--batch-size", "2",
                "--seq-len", "16", "--steps", "1", "--out", str(tmp_path), "--no-plots"])
     assert rc == 0
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
-    assert [(r["method"], r["layers"]) for r in rows] == [(m, d) for d in (2, 3) for m in ("full", *methods)]
+    peers = ("full", "lora", "full+ckpt", "lora+ckpt")  # always measured beside the methods asked for
+    assert [(r["method"], r["layers"]) for r in rows] == [(m, d) for d in (2, 3) for m in (*peers, *methods)]
     by = {(r["method"], r["layers"]): r for r in rows}
     for r in rows:
         assert r["peak_step_mib"] > 0 and r["peak_step_ratio"] == pytest.approx(

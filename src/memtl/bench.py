@@ -42,7 +42,8 @@ METHOD_SPECS = {
     "sherl": ("sherl", {}),
     "sherl+ckpt": ("sherl", {"gradient_checkpointing": True}),
 }
-DEFAULT_METHODS = ["full", "lora", "full+ckpt", "lora+ckpt"]
+PEERS = ["full", "lora", "full+ckpt", "lora+ckpt"]  # always measured (unless --no-peers: full only)
+DEFAULT_METHODS = PEERS
 
 # random-init geometries (BERT architecture)
 GEOMETRIES = {
@@ -247,7 +248,8 @@ def parse_args(argv=None):
                    help="minilm: the real pre-trained MiniLM; others: a random-init model of that shape "
                         f"(BERT: {', '.join(GEOMETRIES)}; other architectures: {', '.join(ARCH_GEOMETRIES)})")
     p.add_argument("--layers", default="", help="comma list of depths (random geometries only), e.g. 6,12,24")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {', '.join(METHOD_SPECS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma list of {', '.join(METHOD_SPECS)} (the peers {', '.join(PEERS)} are always added)")
     p.add_argument("--batch-size", default="16", help="batch size, or a comma list (e.g. 8,16,32)")
     p.add_argument("--seq-len", default="128", help="sequence length, or a comma list (e.g. 64,128,256)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per method (median reported)")
@@ -256,6 +258,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_results", help="folder for bench.json / bench.csv / plots")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-peers", action="store_true",
+                   help="measure only --methods (+ full, the ratios' reference), not the peers "
+                        f"{', '.join(PEERS[1:])}")
     return p.parse_args(argv)
 
 
@@ -322,8 +327,9 @@ def main(argv=None) -> int:
               f"choose from {', '.join(METHOD_SPECS)}",
               file=sys.stderr)
         return 2
-    if "full" not in methods:
-        methods.insert(0, "full")  # every ratio is against full fine-tuning
+    # the peers people would otherwise pick come first, in every table; full is the ratios' reference
+    peers = ["full"] if args.no_peers else PEERS
+    methods = peers + [m for m in methods if m not in peers]
     try:
         depths = int_list(args.layers, "--layers") if args.layers.strip() else [None]
         batch_sizes = int_list(args.batch_size, "--batch-size")
