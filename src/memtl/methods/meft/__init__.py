@@ -15,7 +15,7 @@ peak activation memory does not grow with depth (DESIGN §1). Layout:
                    returns the encoder output's gradient, so the encoder adapters train)
 - ``decoder.py``   OPT and LLaMA decoders (pre-/post-norm blocks with their residual inside,
                    causal mask, rotary embeddings): blocks, adapters, layer-loop takeover
-- ``diagnostics.py`` reconstruction error on demand + a Lightning callback
+- ``diagnostics.py`` reconstruction error of every reversible stack, on demand + a Lightning callback
 
 Options (shared by the three names; ``None`` picks the variant's default):
 
@@ -53,7 +53,7 @@ from memtl.methods.bert_family import unfreeze_head
 from memtl.methods.meft.adapters import ACTIVATIONS, VARIANTS, Adapter
 from memtl.methods.meft.bert import MeftEncoder
 
-__all__ = ["MeftOptions", "MeftEncoder", "apply_meft", "VARIANTS"]
+__all__ = ["MeftOptions", "MeftEncoder", "apply_meft", "VARIANTS", "meft_stacks", "stack_layers"]
 
 
 STREAM_DTYPES = {None: None, "float32": torch.float32, "float64": torch.float64}
@@ -77,6 +77,21 @@ def installer(model: nn.Module, method: str):
         raise ConfigError(f"method={method}: model type {model_type!r} ({type(model).__name__}) is not supported; "
                           f"MEFT supports {', '.join(sorted(ARCHITECTURES))}: choose such a backbone")
     return importlib.import_module(f"{__name__}.{ARCHITECTURES[model_type]}").install
+
+
+def meft_stacks(model: nn.Module) -> list[nn.Module]:
+    """The reversible stacks of a MEFT model, in forward order (BART: encoder, decoder).
+    Each has ``num_rev_layers``, ``stream_dtype``, ``anchor_every`` and ``fp32_stack``."""
+    from memtl.methods.meft.bart import MeftBartDecoder, MeftBartEncoder
+    from memtl.methods.meft.decoder import MeftDecoderStack
+
+    kinds = (MeftEncoder, MeftBartEncoder, MeftBartDecoder, MeftDecoderStack)
+    return [m for m in model.modules() if isinstance(m, kinds)]
+
+
+def stack_layers(stack: nn.Module) -> nn.ModuleList:
+    """A stack's MEFT layers (``layer`` in BERT's naming, ``layers`` elsewhere)."""
+    return stack.layer if isinstance(stack, MeftEncoder) else stack.layers
 
 
 def _is_number(x) -> bool:

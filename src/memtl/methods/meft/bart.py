@@ -39,16 +39,18 @@ as under plain autograd.
 
 ``num_rev_layers = k`` applies to each stack: the first k encoder layers and the first k
 decoder layers use the reversible backward (a stack with fewer than k layers: all of
-it); k may be at most the larger stack's depth. ``anchor_every`` and ``stream_dtype``
-apply to each stack alike; both stacks expose ``num_rev_layers`` for experiments.
+it); k may be at most the larger stack's depth. ``anchor_every``, ``stream_dtype`` and
+``fp32_stack`` (float32 stack under bf16 autocast, set by the reconstruction monitor)
+apply to each stack alike; both stacks expose them for experiments.
 Adapter dropout defaults to BART's ``config.dropout``.
 
 Not supported: KV caches (generation needs ``use_cache=False``), LayerDrop (never applied),
 ``output_hidden_states``/``output_attentions`` (the HF hooks target the replaced layers:
-nothing is recorded), the decoder-only ``BartForCausalLM``, and the reconstruction
-diagnostics (``diagnostics.py`` measures BERT-family encoders).
+nothing is recorded), the decoder-only ``BartForCausalLM``.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn as nn
@@ -128,15 +130,26 @@ class _MeftBartStack(nn.Module):
         self.num_rev_layers = num_rev_layers
         self.stream_dtype = stream_dtype
         self.anchor_every = anchor_every
+        self.fp32_stack = False  # float32 stack under bf16 autocast (see MeftEncoder)
+
+    recorded: list | None = None  # diagnostics.py: (stack input, context) of each forward (see MeftEncoder)
 
     def embed(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.layernorm_embedding(inputs_embeds + positions.to(inputs_embeds.device))
         return F.dropout(h, p=self.dropout, training=self.training)
 
     def run(self, h: torch.Tensor, context: tuple) -> torch.Tensor:
-        x1, x2 = reversible_stack(h, h, self.layers, context, num_rev=self.num_rev_layers,
-                                  stream_dtype=self.stream_dtype, anchor_every=self.anchor_every)
+        with self.precision_context(h):
+            h0 = h.float() if self.fp32_stack else h
+            if self.recorded is not None:
+                self.recorded.append((h0, context))
+            x1, x2 = reversible_stack(h0, h0, self.layers, context, num_rev=self.num_rev_layers,
+                                      stream_dtype=self.stream_dtype, anchor_every=self.anchor_every)
         return ((x1 + x2) / 2).to(h.dtype)  # back to the model's dtype for what follows
+
+    def precision_context(self, x: torch.Tensor):
+        """autocast off for the stack when ``fp32_stack`` is set, else nothing."""
+        return torch.autocast(x.device.type, enabled=False) if self.fp32_stack else contextlib.nullcontext()
 
 
 def _check_ids(input_ids, inputs_embeds, what: str) -> None:

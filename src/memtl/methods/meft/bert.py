@@ -81,18 +81,23 @@ class MeftEncoder(nn.Module):
         # stays consistent); the rest of the model keeps the autocast precision
         self.fp32_stack = False
 
+    # diagnostics.py sets a list here for one forward; the stack appends what it runs on
+    # (input hidden states, context), so the reconstruction can be measured without redoing the forward
+    recorded: list | None = None
+
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, past_key_values=None, use_cache=None, **kwargs):
         if encoder_hidden_states is not None:
             raise ValueError("MEFT encoder: cross-attention (encoder_hidden_states) is not supported")
         with self.precision_context(hidden_states):
             h0 = hidden_states.float() if self.fp32_stack else hidden_states
-            x1, x2 = reversible_stack(h0, h0, self.layer, context=(attention_mask,),
-                                      num_rev=self.num_rev_layers, stream_dtype=self.stream_dtype,
-                                      anchor_every=self.anchor_every)
+            context = (attention_mask,)
+            if self.recorded is not None:
+                self.recorded.append((h0, context))
+            x1, x2 = reversible_stack(h0, h0, self.layer, context, num_rev=self.num_rev_layers,
+                                      stream_dtype=self.stream_dtype, anchor_every=self.anchor_every)
         h = ((x1 + x2) / 2).to(hidden_states.dtype)  # back to the model's dtype for the head
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h)
-
 
     def precision_context(self, x: torch.Tensor):
         """autocast off for the stack when ``fp32_stack`` is set, else nothing."""

@@ -142,11 +142,14 @@ class MeftDecoderStack:
     stream_dtype: torch.dtype | None
     anchor_every: int | None
     fp32_stack: bool  # run the stack in float32 under bf16 autocast (see MeftEncoder)
+    recorded: list | None = None  # diagnostics.py: (stack input, context) of each forward (see MeftEncoder)
 
     def run_layers(self, h: Tensor, context: DecoderContext) -> Tensor:
         """Both streams start from ``h``; their average comes back (before the final norm)."""
         with self.precision_context(h):
             h0 = h.float() if self.fp32_stack else h
+            if self.recorded is not None:
+                self.recorded.append((h0, (context,)))
             x1, x2 = reversible_stack(h0, h0, self.layers, (context,), num_rev=self.num_rev_layers,
                                       stream_dtype=self.stream_dtype, anchor_every=self.anchor_every)
         return ((x1 + x2) / 2).to(h.dtype)

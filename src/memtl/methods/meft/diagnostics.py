@@ -4,10 +4,15 @@ The backward pass reconstructs each reversible layer's inputs from its outputs. 
 arithmetic that is lossless; in floating point each inverse divides by λ or β, so errors
 grow from the top layer down (worst for small factors, deep stacks, low precision).
 
-``reconstruction_errors(model, batch)`` runs one forward, records the true inputs of
-every reversible layer, then walks down from the stack's output exactly as the backward
-does (same dropout masks, same precision) and compares. ``ReconstructionErrorMonitor``
-logs that every N training steps and warns above a threshold.
+``reconstruction_errors(model, batch)`` runs one forward, records what every reversible
+stack runs on (its input hidden states and its context: masks, rotary embeddings, a BART
+decoder's encoder output; each stack appends them to its ``recorded`` list when that is
+set), then per stack runs the layers forward keeping their true inputs and walks down
+from the output exactly as the backward does (same dropout masks, same precision,
+``num_rev_layers``, ``anchor_every``, ``stream_dtype``, ``fp32_stack``) and compares.
+Every MEFT stack is measured: BERT/RoBERTa's encoder, BART's encoder and decoder (rows
+labelled ``stack``), OPT/LLaMA's decoder. ``ReconstructionErrorMonitor`` logs that every
+N training steps and warns above a threshold.
 """
 from __future__ import annotations
 
@@ -19,49 +24,75 @@ import torch
 import torch.nn as nn
 from lightning.pytorch import Callback
 
+from memtl.methods.meft import meft_stacks, stack_layers
 from memtl.methods.meft.bert import MeftEncoder
 from memtl.methods.meft.engine import layer_forward, layer_inverse
 
-# inputs the encoder depends on; labels etc. are not needed to measure reconstruction
-_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
+# inputs the stacks depend on; labels etc. are not needed to measure reconstruction
+_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds",
+                 "decoder_input_ids", "decoder_attention_mask")
 
 
 def find_meft_encoder(module: nn.Module) -> MeftEncoder:
+    """The BERT-family MEFT encoder (other architectures: ``meft_stacks``)."""
     for m in module.modules():
         if isinstance(m, MeftEncoder):
             return m
     raise ValueError(f"{type(module).__name__} contains no MEFT encoder: apply meft1/meft2/meft3 first")
 
 
-def _owner_model(module: nn.Module) -> nn.Module:
-    """The outermost Hugging Face model holding the MEFT encoder (e.g. inside a LightningModule)."""
+def _stacks(module: nn.Module) -> list[nn.Module]:
+    stacks = meft_stacks(module)
+    if not stacks:
+        raise ValueError(f"{type(module).__name__} contains no MEFT stack: apply meft1/meft2/meft3 first")
+    return stacks
+
+
+def stack_label(stack: nn.Module) -> str:
+    """``encoder`` or ``decoder``: names a stack in reports of models with several."""
+    from memtl.methods.meft.bart import MeftBartDecoder
+    from memtl.methods.meft.decoder import MeftDecoderStack
+
+    return "decoder" if isinstance(stack, (MeftBartDecoder, MeftDecoderStack)) else "encoder"
+
+
+def _owner_model(module: nn.Module, stacks: list[nn.Module]) -> nn.Module:
+    """The outermost model holding the MEFT stacks that training feeds the batch to (e.g. inside
+    a LightningModule): memtl's multiple-choice scorer (QA) or a Hugging Face model."""
     from transformers import PreTrainedModel
 
-    if isinstance(module, PreTrainedModel):
-        return module
-    for m in module.modules():
-        if isinstance(m, PreTrainedModel) and any(isinstance(x, MeftEncoder) for x in m.modules()):
+    from memtl.scoring import MultipleChoiceModel
+
+    ids = {id(s) for s in stacks}
+    for m in module.modules():  # outermost first
+        if isinstance(m, (PreTrainedModel, MultipleChoiceModel)) and any(id(x) in ids for x in m.modules()):
             return m
-    raise ValueError(f"{type(module).__name__} holds no Hugging Face model with a MEFT encoder")
+    raise ValueError(f"{type(module).__name__} holds no Hugging Face model with a MEFT stack")
 
 
 @torch.no_grad()
-def encoder_reconstruction(encoder: MeftEncoder, hidden_states: torch.Tensor, attention_mask=None) -> list[dict]:
-    """Per reversible layer (bottom first): max abs and relative error of the reconstructed inputs."""
-    with encoder.precision_context(hidden_states):
-        if encoder.fp32_stack:
+def stack_reconstruction(stack: nn.Module, hidden_states: torch.Tensor, context: tuple = ()) -> list[dict]:
+    """Per reversible layer of ``stack`` (bottom first): max abs and relative error of the
+    reconstructed inputs, starting from ``hidden_states`` with ``context`` (what the stack's
+    forward hands to ``reversible_stack``)."""
+    with stack.precision_context(hidden_states):
+        if stack.fp32_stack:
             hidden_states = hidden_states.float()
-        return _reconstruction(encoder, hidden_states, attention_mask)
+        return _reconstruction(stack, hidden_states, tuple(context))
 
 
-def _reconstruction(encoder: MeftEncoder, hidden_states: torch.Tensor, attention_mask=None) -> list[dict]:
-    layers = list(encoder.layer)[: encoder.num_rev_layers]
-    anchor = encoder.anchor_every or max(len(layers), 1)
-    context = (attention_mask,)
-    # same precision arrangement as the encoder's forward (see reversible_stack)
+def encoder_reconstruction(encoder: MeftEncoder, hidden_states: torch.Tensor, attention_mask=None) -> list[dict]:
+    """``stack_reconstruction`` of a BERT-family encoder, whose context is the attention mask."""
+    return stack_reconstruction(encoder, hidden_states, (attention_mask,))
+
+
+def _reconstruction(stack: nn.Module, hidden_states: torch.Tensor, context: tuple) -> list[dict]:
+    layers = list(stack_layers(stack))[: stack.num_rev_layers]
+    anchor = stack.anchor_every or max(len(layers), 1)
+    # same precision arrangement as the stack's forward (see reversible_stack)
     cdt = None
-    if encoder.stream_dtype is not None and encoder.stream_dtype != hidden_states.dtype:
-        cdt, hidden_states = hidden_states.dtype, hidden_states.to(encoder.stream_dtype)
+    if stack.stream_dtype is not None and stack.stream_dtype != hidden_states.dtype:
+        cdt, hidden_states = hidden_states.dtype, hidden_states.to(stack.stream_dtype)
     x1 = x2 = hidden_states
     inputs, rngs = [], []
     for layer in layers:
@@ -81,29 +112,50 @@ def _reconstruction(encoder: MeftEncoder, hidden_states: torch.Tensor, attention
     return report
 
 
+def _model_inputs(hf_model: nn.Module, batch: Mapping[str, Any]) -> dict:
+    from memtl.scoring import MultipleChoiceModel
+
+    if isinstance(hf_model, MultipleChoiceModel):  # QA: the scorer's own call (positions, decoder targets)
+        return dict(batch)
+    inputs = {k: v for k, v in batch.items() if k in _MODEL_INPUTS}
+    # a seq2seq LM trains its decoder on the shifted labels, not on the shifted inputs
+    if ("labels" in batch and "decoder_input_ids" not in inputs and "decoder_inputs_embeds" not in batch
+            and hasattr(hf_model, "prepare_decoder_input_ids_from_labels")):
+        inputs["decoder_input_ids"] = hf_model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    return inputs
+
+
 def reconstruction_report(model: nn.Module, batch: Mapping[str, Any]) -> list[dict]:
-    """Run ``model`` on ``batch`` and report, per reversible layer, ``max_abs`` and ``rel`` error."""
-    encoder = find_meft_encoder(model)
-    hf_model = _owner_model(model)
-    captured = {}
-
-    def grab(module, args, kwargs):
-        captured["h"] = args[0] if args else kwargs["hidden_states"]
-        captured["mask"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-
+    """Run ``model`` on ``batch`` and report, per reversible layer, ``max_abs`` and ``rel``
+    error: the stacks in forward order, each bottom layer first; with several stacks (BART)
+    each row also names its ``stack`` (``encoder``/``decoder``)."""
+    stacks = _stacks(model)
+    hf_model = _owner_model(model, stacks)
     # fork the RNG: measuring must not shift the dropout masks of the training run
     device = next(hf_model.parameters()).device
-    handle = encoder.register_forward_pre_hook(grab, with_kwargs=True)
     try:
+        for stack in stacks:
+            stack.recorded = []
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-            hf_model(**{k: v for k, v in batch.items() if k in _MODEL_INPUTS})
-            return encoder_reconstruction(encoder, captured["h"], captured["mask"])
+            hf_model(**_model_inputs(hf_model, batch))
+            report = []
+            for stack in stacks:
+                if len(stack.recorded) != 1:
+                    raise RuntimeError(f"{type(stack).__name__} ran {len(stack.recorded)} times in one forward of "
+                                       f"{type(hf_model).__name__}; reconstruction needs exactly one run per stack")
+                rows = stack_reconstruction(stack, *stack.recorded[0])
+                if len(stacks) > 1:
+                    rows = [{"stack": stack_label(stack), **r} for r in rows]
+                report += rows
+            return report
     finally:
-        handle.remove()
+        for stack in stacks:
+            stack.recorded = None
 
 
 def reconstruction_errors(model: nn.Module, batch: Mapping[str, Any]) -> list[float]:
-    """Max abs error of the reconstructed inputs, one value per reversible layer (bottom first)."""
+    """Max abs error of the reconstructed inputs, one value per reversible layer (bottom
+    first; several stacks: one after the other, as in ``reconstruction_report``)."""
     return [r["max_abs"] for r in reconstruction_report(model, batch)]
 
 
@@ -115,11 +167,12 @@ def _autocast_training(trainer) -> bool:
 class ReconstructionErrorMonitor(Callback):
     """Every ``every_n_steps`` training steps, measure reconstruction error on the current
     batch; log ``meft/recon_err_max`` (+ ``meft/recon_err_rel_max`` and per layer
-    ``meft/recon_err/layer_<i>``) and warn when the relative error exceeds ``threshold``.
+    ``meft/recon_err/layer_<i>``; several stacks, BART: ``meft/recon_err/<stack>/layer_<i>``)
+    and warn when the relative error (worst over all stacks) exceeds ``threshold``.
 
     ``on_threshold="fp32"``: under a mixed-precision (bf16) run, the first time the error
-    exceeds ``threshold`` the reversible stack switches to float32 for the rest of the run
-    (``MeftEncoder.fp32_stack``; logged as ``meft/fp32_stack``).
+    exceeds ``threshold`` every reversible stack switches to float32 for the rest of the run
+    (``fp32_stack`` of each stack; logged as ``meft/fp32_stack``).
 
     Costs one extra forward (+ inverse) on the steps it runs. Batches must be dicts of
     model inputs (``input_ids``, ``attention_mask``, ...).
@@ -156,15 +209,18 @@ class ReconstructionErrorMonitor(Callback):
         pl_module.log("meft/recon_err_rel_max", worst_rel)
         if self.per_layer:
             for r in report:
-                pl_module.log(f"meft/recon_err/layer_{r['layer']}", r["max_abs"])
-        encoder = find_meft_encoder(pl_module)
-        pl_module.log("meft/fp32_stack", float(encoder.fp32_stack))
-        if (worst_rel > self.threshold and self.on_threshold == "fp32" and not encoder.fp32_stack
+                where = f"{r['stack']}/" if "stack" in r else ""
+                pl_module.log(f"meft/recon_err/{where}layer_{r['layer']}", r["max_abs"])
+        stacks = _stacks(pl_module)
+        fp32 = all(stack.fp32_stack for stack in stacks)
+        pl_module.log("meft/fp32_stack", float(fp32))
+        if (worst_rel > self.threshold and self.on_threshold == "fp32" and not fp32
                 and _autocast_training(trainer)):
-            encoder.fp32_stack = True
+            for stack in stacks:
+                stack.fp32_stack = True
             self.switched_at = trainer.global_step
             warnings.warn(f"MEFT reconstruction error {worst_rel:.3g} (relative) > {self.threshold:g} at step "
-                          f"{trainer.global_step} under {trainer.precision}: the reversible stack now runs in "
+                          f"{trainer.global_step} under {trainer.precision}: every reversible stack now runs in "
                           "float32 (forward and recompute) for the rest of the run", RuntimeWarning, stacklevel=2)
         elif worst_rel > self.threshold:
             msg = (f"MEFT reconstruction error {worst_rel:.3g} (relative) > {self.threshold:g} at step "
@@ -175,31 +231,40 @@ class ReconstructionErrorMonitor(Callback):
 
 # --- command line: reconstruction error vs depth and precision ---------------------------
 
-def depth_table(variants, depths, precisions, batch_size=4, seq_len=128, seed=0, lam=None, beta=None) -> list[dict]:
+def depth_table(variants, depths, precisions, batch_size=4, seq_len=128, seed=0, lam=None, beta=None,
+                geometry="minilm-random") -> list[dict]:
     """Worst relative reconstruction error (over layers) per variant x depth x precision, on a
-    random-init MiniLM-geometry BERT (hidden 384) and, for depth 6, the pre-trained MiniLM."""
+    random-init model of one of ``memtl bench``'s geometries (default: MiniLM-geometry BERT,
+    hidden 384, plus the pre-trained MiniLM at depth 6; e.g. bart-base, opt-125m,
+    smollm2-random). BART: depth of each stack, one row per stack (``stack`` key)."""
     from memtl.bench import build_model, make_batch
     from memtl.methods import apply_method
 
     rows = []
     for variant in variants:
         for depth in depths:
-            for geometry in (["minilm"] if depth == 6 else []) + ["minilm-random"]:
-                model = build_model(geometry, None if geometry == "minilm" else depth, seed)
+            for geo in (["minilm"] if depth == 6 and geometry == "minilm-random" else []) + [geometry]:
+                model = build_model(geo, None if geo == "minilm" else depth, seed)
                 opts = {k: v for k, v in (("lam", lam), ("beta", beta)) if v is not None}
                 model = apply_method(model, variant, **opts).eval()  # no dropout: the error of the maths alone
-                batch = make_batch(model.config.vocab_size, batch_size, seq_len, seed, "cpu")
-                enc = find_meft_encoder(model)
+                cfg = model.config
+                eos = cfg.eos_token_id if cfg.model_type == "bart" else None  # BART classifies from its EOS
+                batch = make_batch(cfg.vocab_size, batch_size, seq_len, seed, "cpu", eos_token_id=eos)
+                stacks = meft_stacks(model)
                 for precision in precisions:
                     ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed"
                            else contextlib.nullcontext())
                     with ctx:
                         report = reconstruction_report(model, batch)
-                    bottom = report[0]
-                    rows.append({"variant": variant, "geometry": geometry, "layers": depth, "precision": precision,
-                                 "lam": enc.layer[0].lam, "beta": enc.layer[0].beta,
-                                 "worst_rel": max(r["rel"] for r in report), "bottom_rel": bottom["rel"],
-                                 "top_rel": report[-1]["rel"]})
+                    for stack in stacks:
+                        label = stack_label(stack) if len(stacks) > 1 else None
+                        part = [r for r in report if r.get("stack") == label]
+                        first = stack_layers(stack)[0]
+                        row = {"variant": variant, "geometry": geo, **({"stack": label} if label else {}),
+                               "layers": depth, "precision": precision, "lam": first.lam, "beta": first.beta,
+                               "worst_rel": max(r["rel"] for r in part), "bottom_rel": part[0]["rel"],
+                               "top_rel": part[-1]["rel"]}
+                        rows.append(row)
     return rows
 
 
@@ -207,6 +272,7 @@ def main(argv=None) -> int:
     import json
     import sys
 
+    from memtl.bench import ARCH_GEOMETRIES, GEOMETRIES, int_list
     from memtl.cli import ArgumentParser, check_out_file
     from memtl.errors import ConfigError
 
@@ -216,6 +282,9 @@ def main(argv=None) -> int:
     p.add_argument("--precisions", default="32,bf16-mixed")
     p.add_argument("--lam", type=float, default=None, help="override lambda (default: the variant's)")
     p.add_argument("--beta", type=float, default=None)
+    p.add_argument("--geometry", default="minilm-random", choices=[*GEOMETRIES, *ARCH_GEOMETRIES],
+                   help="random-init model shape, as memtl bench's (BERT: minilm-random, the default, adds the "
+                        f"pre-trained MiniLM at 6 layers; other architectures: {', '.join(ARCH_GEOMETRIES)})")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
@@ -229,22 +298,22 @@ def main(argv=None) -> int:
         print("error: --precisions takes 32 and/or bf16-mixed", file=sys.stderr)
         return 2
     try:
-        from memtl.bench import int_list
-
         depths = int_list(args.layers, "--layers")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         check_out_file(args.out)
-        rows = depth_table(variants, depths, precisions, lam=args.lam, beta=args.beta)
+        rows = depth_table(variants, depths, precisions, lam=args.lam, beta=args.beta, geometry=args.geometry)
     except ConfigError as e:  # e.g. --lam 0
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{'variant':8} {'backbone':14} {'L':>3} {'precision':10} {'lam':>5} {'beta':>5} "
+    names = [r["geometry"] + (f"/{r['stack']}" if "stack" in r else "") for r in rows]  # bart-base/decoder
+    w = max([14, *map(len, names)])
+    print(f"{'variant':8} {'backbone':{w}} {'L':>3} {'precision':10} {'lam':>5} {'beta':>5} "
           f"{'top layer':>10} {'bottom layer':>12} {'worst':>10}")
-    for r in rows:
-        print(f"{r['variant']:8} {r['geometry']:14} {r['layers']:>3} {r['precision']:10} {r['lam']:>5} {r['beta']:>5} "
+    for r, name in zip(rows, names):
+        print(f"{r['variant']:8} {name:{w}} {r['layers']:>3} {r['precision']:10} {r['lam']:>5} {r['beta']:>5} "
               f"{r['top_rel']:>10.2e} {r['bottom_rel']:>12.2e} {r['worst_rel']:>10.2e}")
     if args.out:
         with open(args.out, "w") as f:

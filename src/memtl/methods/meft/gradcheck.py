@@ -28,6 +28,7 @@ import torch
 from memtl.cli import ArgumentParser, check_out_file
 from memtl.errors import ConfigError
 from memtl.methods import apply_method
+from memtl.methods.meft import meft_stacks, stack_layers
 
 VARIANTS = ("meft1", "meft2", "meft3")
 
@@ -35,18 +36,8 @@ VARIANTS = ("meft1", "meft2", "meft3")
 ARCHS = ("bert", "roberta", "bart", "opt", "opt-350m", "llama")
 
 
-def _stacks(model) -> list:
-    """The reversible stacks of a MEFT model (BART: encoder and decoder)."""
-    from memtl.methods.meft.bart import MeftBartEncoder, MeftBartDecoder
-    from memtl.methods.meft.bert import MeftEncoder
-    from memtl.methods.meft.decoder import MeftDecoderStack
-
-    kinds = (MeftEncoder, MeftBartEncoder, MeftBartDecoder, MeftDecoderStack)
-    return [m for m in model.modules() if isinstance(m, kinds)]
-
-
 def _set(model, **attrs):
-    for stack in _stacks(model):
+    for stack in meft_stacks(model):
         for k, v in attrs.items():
             setattr(stack, k, v)
     return model
@@ -119,16 +110,13 @@ def padded_batch(vocab: int, pad: int, n: int = 4, length: int = 12, labels: int
 
 def rev_vs_plain(model, batch, num_rev: int | None) -> float:
     plain = _set(copy.deepcopy(model), num_rev_layers=0)
-    _set(model, num_rev_layers=num_rev if num_rev is not None else max(len(_layers(s)) for s in _stacks(model)))
+    deepest = max(len(stack_layers(s)) for s in meft_stacks(model))
+    _set(model, num_rev_layers=num_rev if num_rev is not None else deepest)
     return max_rel_err(_grads(model, batch), _grads(plain, batch))
 
 
-def _layers(stack):
-    return getattr(stack, "layer", None) or stack.layers
-
-
 def _half(model) -> int:
-    return max(len(_layers(s)) for s in _stacks(model)) // 2 or 1
+    return max(len(stack_layers(s)) for s in meft_stacks(model)) // 2 or 1
 
 
 def table(include_minilm: bool = True) -> list[dict]:
