@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -113,3 +114,64 @@ def tiny_hf_model(arch: str = "bert", layers: int = 4, hidden: int = 32, num_lab
     torch.manual_seed(seed)
     model = model_cls(config)
     return model.to(dtype) if dtype is not None else model
+
+
+# --- shared by the MEFT/SHERL test files -------------------------------------------------
+
+
+def trainable_grads(model, batch) -> dict:
+    """One backward of the model's own loss; a copy of every trainable parameter's grad."""
+    model.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads.values())
+    return grads
+
+
+def max_rel_err(a: dict, b: dict) -> float:
+    """Worst relative error (Frobenius) of ``a`` against the reference ``b``, per tensor."""
+    assert a.keys() == b.keys()
+    errs = []
+    for k in a:
+        scale = b[k].norm()
+        errs.append(((a[k] - b[k]).norm() / scale).item() if scale > 0 else a[k].abs().max().item())
+    return max(errs)
+
+
+def saved_while_inside(modules, run) -> list[tuple]:
+    """Shapes of the tensors autograd saved for backward while any of ``modules`` ran,
+    during ``run()`` (which does the forward and backward and returns nothing)."""
+    inside, packed_inside = [], []
+
+    def enter(mod, args):
+        inside.append(mod)
+
+    def leave(mod, args, out):
+        inside.pop()
+
+    def pack(t):
+        if inside:
+            packed_inside.append(tuple(t.shape))
+        return t
+
+    handles = [h for m in modules for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    assert not inside  # every module entered also left
+    return packed_inside
+
+
+class LogRecorder(torch.nn.Module):
+    """Stands in for a LightningModule in callback tests: holds the model, records ``log`` calls."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.logged = {}
+
+    def log(self, name, value, **kwargs):
+        self.logged[name] = value

@@ -19,7 +19,7 @@ from transformers import (
     GPT2Model,
 )
 
-from conftest import tiny_hf_model
+from conftest import LogRecorder, max_rel_err, tiny_hf_model, trainable_grads
 
 from memtl.errors import ConfigError
 from memtl.methods import apply_method, available_methods, count_parameters
@@ -58,23 +58,6 @@ def make_batch(arch="bert", n=4, length=9, seed=1):
 
 def encoder(model) -> MeftEncoder:
     return next(m for m in model.modules() if isinstance(m, MeftEncoder))
-
-
-def trainable_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    model(**batch).loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert all(g is not None for g in grads.values())
-    return grads
-
-
-def max_rel_err(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    errs = []
-    for k in a:
-        scale = b[k].norm()
-        errs.append(((a[k] - b[k]).norm() / scale).item() if scale > 0 else a[k].abs().max().item())
-    return max(errs)
 
 
 def set_num_rev(model, k):
@@ -300,18 +283,6 @@ def test_reconstruction_errors(variant):
     assert len(err32) == LAYERS and max(err32) > 1e3 * max(err64)
 
 
-class _StubModule(torch.nn.Module):
-    """Stands in for a LightningModule: holds the model and records ``log`` calls."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.logged = {}
-
-    def log(self, name, value, **kwargs):
-        self.logged[name] = value
-
-
 def test_reconstruction_report_partial():
     model = set_num_rev(tiny_model("bert", "meft1"), 2)
     report = reconstruction_report(model, make_batch())
@@ -324,7 +295,7 @@ def test_reconstruction_monitor_callback():
 
     model = tiny_model("bert", "meft3", dtype=torch.float32)
     batch = make_batch()
-    module = _StubModule(model)
+    module = LogRecorder(model)
     trainer = SimpleNamespace(global_step=10)
     ReconstructionErrorMonitor(every_n_steps=3).on_train_batch_end(trainer, module, None, batch, 0)
     assert module.logged == {}  # not a multiple of every_n_steps
@@ -457,7 +428,7 @@ def test_bf16_monitor_switches_the_stack_to_float32():
 
     model = tiny_model("bert", "meft1", dtype=torch.float32)
     batch = make_batch()
-    module = _StubModule(model)
+    module = LogRecorder(model)
     trainer = SimpleNamespace(global_step=2, precision="bf16-mixed",
                               precision_plugin=SimpleNamespace(
                                   forward_context=lambda: torch.autocast("cpu", dtype=torch.bfloat16)))

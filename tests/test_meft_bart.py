@@ -21,6 +21,8 @@ from transformers import (
     BartModel,
 )
 
+from conftest import max_rel_err, trainable_grads
+
 from memtl.errors import ConfigError
 from memtl.methods import apply_method, count_parameters
 from memtl.methods.meft.adapters import Adapter
@@ -75,23 +77,6 @@ def set_num_rev(model, enc, dec=None, anchor=None):
     encoder.num_rev_layers, decoder.num_rev_layers = enc, enc if dec is None else dec
     encoder.anchor_every = decoder.anchor_every = anchor
     return model
-
-
-def trainable_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    model(**batch).loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert all(g is not None for g in grads.values())
-    return grads
-
-
-def max_rel_err(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    errs = []
-    for k in a:
-        scale = b[k].norm()
-        errs.append(((a[k] - b[k]).norm() / scale).item() if scale > 0 else a[k].abs().max().item())
-    return max(errs)
 
 
 def encoder_adapter_grads(grads: dict) -> dict:

@@ -24,6 +24,8 @@ from transformers import (
     OPTModel,
 )
 
+from conftest import max_rel_err, trainable_grads
+
 from memtl.errors import ConfigError
 from memtl.methods import apply_method, count_parameters
 from memtl.methods.meft.adapters import Adapter
@@ -81,19 +83,6 @@ def stack(model) -> MeftDecoderStack:
 def set_num_rev(model, k):
     stack(model).num_rev_layers = k
     return model
-
-
-def trainable_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    model(**batch).loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert all(g is not None for g in grads.values())
-    return grads
-
-
-def max_rel_err(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in a)
 
 
 # --- exact gradients ---------------------------------------------------------------------

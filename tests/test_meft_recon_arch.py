@@ -14,6 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import LogRecorder
+
 from memtl.methods.meft import meft_stacks, stack_layers
 from memtl.methods.meft.diagnostics import (
     ReconstructionErrorMonitor,
@@ -43,18 +45,6 @@ def per_stack(report) -> dict:
     for r in report:
         out.setdefault(r.get("stack"), []).append(r)
     return out
-
-
-class _StubModule(torch.nn.Module):
-    """Stands in for a LightningModule (as in test_meft.py): holds the model, records ``log`` calls."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.logged = {}
-
-    def log(self, name, value, **kwargs):
-        self.logged[name] = value
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -128,7 +118,7 @@ def test_anchor_every_restarts_reconstruction_on_every_stack(arch):
 def test_bf16_monitor_logs_every_stack_and_switches_all_to_float32(arch):
     model = tiny_model(arch, "meft3", dropout=0.0).float()
     batch = batch_for(arch)
-    module = _StubModule(model)
+    module = LogRecorder(model)
     trainer = SimpleNamespace(global_step=4, precision="bf16-mixed",
                               precision_plugin=SimpleNamespace(
                                   forward_context=lambda: torch.autocast("cpu", dtype=torch.bfloat16)))
@@ -158,7 +148,7 @@ def test_bf16_monitor_logs_every_stack_and_switches_all_to_float32(arch):
 
 def test_monitor_without_autocast_only_warns():
     model = tiny_model("bart", "meft1", dropout=0.0).float()
-    module = _StubModule(model)
+    module = LogRecorder(model)
     trainer = SimpleNamespace(global_step=3, precision="32-true")
     with pytest.warns(RuntimeWarning, match="gradients are inexact"):
         ReconstructionErrorMonitor(every_n_steps=1, threshold=0.0, on_threshold="fp32").on_train_batch_end(
@@ -196,7 +186,7 @@ def test_qa_batches_are_measured_through_the_multiple_choice_scorer():
              "choice_chars": torch.tensor([5.0, 7.0, 3.0, 6.0]), "input_ids": ids, "attention_mask": mask}
     seen = {}
     lm.register_forward_pre_hook(lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True)
-    report = reconstruction_report(_StubModule(MultipleChoiceModel(lm, "causal_lm")), batch)
+    report = reconstruction_report(LogRecorder(MultipleChoiceModel(lm, "causal_lm")), batch)
     assert [r["layer"] for r in report] == [0, 1] and max(r["max_abs"] for r in report) < 1e-10
     assert seen["logits_to_keep"] == 4  # the scorer's call: longest choice (3) + 1
     assert torch.equal(seen["position_ids"], (mask.cumsum(-1) - 1).clamp(min=0))

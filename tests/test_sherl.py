@@ -19,7 +19,7 @@ from transformers import (
     GPT2Model,
 )
 
-from conftest import tiny_hf_model
+from conftest import saved_while_inside, tiny_hf_model
 
 from memtl.errors import ConfigError
 from memtl.methods import apply_method, available_methods, count_parameters, method_options
@@ -181,30 +181,8 @@ def test_no_gradient_and_no_graph_in_the_early_route():
     early = [model.bert.embeddings, *enc.layer[: enc.num_early]]
     for m in early:  # even if someone unfroze them, no gradient may reach them
         m.requires_grad_(True)
-    inside = []  # stack of early modules currently running
-    packed_inside = []
-    handles = []
-    def enter(mod, args):
-        inside.append(mod)
-
-    def leave(mod, args, out):
-        inside.pop()
-
-    for m in early:
-        handles.append(m.register_forward_pre_hook(enter))
-        handles.append(m.register_forward_hook(leave))
-
-    def pack(t):
-        if inside:
-            packed_inside.append(tuple(t.shape))
-        return t
-
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(**make_batch())
-    out.loss.backward()
-    for h in handles:
-        h.remove()
+    packed_inside = saved_while_inside(early, lambda: model(**make_batch()).loss.backward())
     assert packed_inside == []  # autograd recorded nothing while the early route ran
     for m in early:
         assert all(p.grad is None for p in m.parameters())

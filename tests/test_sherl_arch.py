@@ -25,6 +25,8 @@ from transformers import (
     OPTModel,
 )
 
+from conftest import saved_while_inside
+
 from memtl.errors import ConfigError
 from memtl.methods import apply_method
 from memtl.methods.sherl.decoder import SherlSplit, embedding_modules
@@ -124,31 +126,9 @@ def test_no_gradient_and_no_graph_in_the_early_route(arch, head):
     for m in early:  # even if someone unfroze them, no gradient may reach them
         for p in m.parameters():
             p.requires_grad_(p is not tied)  # (a tied LM head would get its own gradient)
-    inside, packed_inside, handles = [], [], []
-
-    def enter(mod, args):
-        inside.append(mod)
-
-    def leave(mod, args, out):
-        inside.pop()
-
-    for m in early:
-        handles.append(m.register_forward_pre_hook(enter))
-        handles.append(m.register_forward_hook(leave))
-
-    def pack(t):
-        if inside:
-            packed_inside.append(tuple(t.shape))
-        return t
-
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _, loss = run(model, make_batch(arch, head))
-    loss.backward()
-    for h in handles:
-        h.remove()
+    packed_inside = saved_while_inside(early, lambda: run(model, make_batch(arch, head))[1].backward())
     assert packed_inside == []  # autograd recorded nothing while the early route ran
-    assert not inside
     for m in early:
         assert all(p.grad is None for p in m.parameters()), type(m).__name__
     side = stack_of(model).side
