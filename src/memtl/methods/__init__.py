@@ -11,6 +11,7 @@ trains have ``requires_grad=True``.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any, Callable
 
 import torch.nn as nn
@@ -58,6 +59,18 @@ def apply_method(model: nn.Module, name: str, **options: Any) -> nn.Module:
     opts = method_options(name, **options)
     fn, _ = _REGISTRY[name]
     return fn(model, opts)
+
+
+def architecture_installer(model: nn.Module, package: str, architectures: dict[str, str], method: str):
+    """``install`` of the module of ``package`` that ``architectures`` maps ``model``'s
+    ``config.model_type`` to (MEFT and SHERL each have one per architecture family),
+    or one ConfigError line naming the supported types."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in architectures:
+        raise ConfigError(f"method={method}: model type {model_type!r} ({type(model).__name__}) is not supported; "
+                          f"{method.upper().rstrip('123')} supports {', '.join(sorted(architectures))}: "
+                          "choose such a backbone")
+    return importlib.import_module(f"{package}.{architectures[model_type]}").install
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

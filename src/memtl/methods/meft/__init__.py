@@ -40,7 +40,6 @@ Options (shared by the three names; ``None`` picks the variant's default):
 """
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 
@@ -48,7 +47,7 @@ import torch
 import torch.nn as nn
 
 from memtl.errors import ConfigError
-from memtl.methods import register_method
+from memtl.methods import architecture_installer, register_method
 from memtl.methods.bert_family import unfreeze_head
 from memtl.methods.meft.adapters import ACTIVATIONS, VARIANTS, Adapter
 from memtl.methods.meft.bert import MeftEncoder
@@ -68,15 +67,6 @@ ARCHITECTURES = {
     "opt": "decoder",
     "llama": "decoder",
 }
-
-
-def installer(model: nn.Module, method: str):
-    """The ``install`` function for ``model``'s architecture, or one ConfigError line."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise ConfigError(f"method={method}: model type {model_type!r} ({type(model).__name__}) is not supported; "
-                          f"MEFT supports {', '.join(sorted(ARCHITECTURES))}: choose such a backbone")
-    return importlib.import_module(f"{__name__}.{ARCHITECTURES[model_type]}").install
 
 
 def meft_stacks(model: nn.Module) -> list[nn.Module]:
@@ -155,7 +145,7 @@ def apply_meft(model: nn.Module, opts: MeftOptions, variant: str) -> nn.Module:
     beta = v.beta if opts.beta is None else float(opts.beta)
 
     model.requires_grad_(False)  # everything pre-trained is frozen ...
-    install = installer(model, variant)
+    install = architecture_installer(model, __name__, ARCHITECTURES, variant)
     backbone = install(model, v, lam, beta, opts.num_rev_layers, opts.bottleneck, opts.adapter_activation,
                        opts.adapter_dropout, opts.adapter_layernorm, STREAM_DTYPES[opts.stream_dtype],
                        opts.anchor_every)

@@ -56,14 +56,13 @@ checkpointing) against +45 MiB per layer for full fine-tuning, i.e. 6.7% (3.4%).
 """
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 
 import torch.nn as nn
 
 from memtl.errors import ConfigError
-from memtl.methods import register_method
+from memtl.methods import architecture_installer, register_method
 from memtl.methods.bert_family import unfreeze_head
 from memtl.methods.sherl.bert import SherlEncoder
 from memtl.methods.sherl.late import add_adapters, add_lora
@@ -83,15 +82,6 @@ ARCHITECTURES = {
     "opt": "decoder",
     "llama": "decoder",
 }
-
-
-def installer(model: nn.Module):
-    """The ``install`` function for ``model``'s architecture, or one ConfigError line."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise ConfigError(f"method=sherl: model type {model_type!r} ({type(model).__name__}) is not supported; "
-                          f"SHERL supports {', '.join(sorted(ARCHITECTURES))}: choose such a backbone")
-    return importlib.import_module(f"{__name__}.{ARCHITECTURES[model_type]}").install
 
 
 def _is_int(x) -> bool:
@@ -159,7 +149,7 @@ def hidden_dropout(config) -> float:
 def apply_sherl(model: nn.Module, opts: SherlOptions) -> nn.Module:
     """Apply SHERL to a supported model in place; returns it."""
     model.requires_grad_(False)  # everything pre-trained is frozen ...
-    install = installer(model)
+    install = architecture_installer(model, __name__, ARCHITECTURES, "sherl")
     dropout = hidden_dropout(model.config) if opts.dropout is None else opts.dropout
     backbone, side, late = install(model, opts.late_layers, opts.side_width, opts.projection, dropout,
                                    float(opts.gate_temperature), opts.gradient_checkpointing)
