@@ -37,6 +37,19 @@ def test_tiny_bert_on_every_glue_format(task, glue_root, tmp_path):
         assert {"accuracy", "mm_accuracy"} <= set(on_disk["metrics"])
 
 
+def test_evaluation_after_max_steps_belongs_to_the_epoch_it_trained_in(glue_root, tmp_path):
+    # 3 steps of a 4-batch epoch: the only evaluation runs after fit, when Lightning's
+    # current_epoch has already moved to 1
+    cfg = compose(["backbone=tiny_bert", "method=full", "task=glue/rte", f"data.root={glue_root}",
+                   "data.batch_size=8", "data.max_train_samples=32", "trainer.max_steps=3", "trainer.max_epochs=5",
+                   *SMOKE[2:]], tmp_path)
+    run(cfg)
+    res = read(tmp_path)
+    assert res["trainer"]["global_step"] == 3
+    assert [(h["epoch"], h["step"]) for h in res["history"]] == [(0, 3)]
+    assert res["best"]["epoch"] == 0
+
+
 def test_minilm_lora_on_real_rte_through_the_cli(tmp_path):
     """The README's main job, shrunk: real MiniLM, real RTE files, found without data.root."""
     assert (SHARED_DATA / "glue_data" / "RTE" / "train.tsv").is_file()

@@ -33,11 +33,15 @@ class FineTuneModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold only the trainable weights
         self.history: list[dict[str, float]] = []  # one entry per completed evaluation
         self.best: dict[str, Any] | None = None
+        # epoch of the last training step: an evaluation after fit (max_steps reached mid-epoch)
+        # belongs to it, while Lightning's current_epoch has already moved on
+        self.last_train_epoch: int | None = None
 
     def forward(self, **batch):
         return self.model(**batch)
 
     def training_step(self, batch, batch_idx):
+        self.last_train_epoch = self.current_epoch
         out = self.model(**batch)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=batch["labels"].shape[0])
         return out.loss
@@ -71,18 +75,20 @@ class FineTuneModule(L.LightningModule):
             self.log(f"val/{k}", v, prog_bar=k == self.main_metric, sync_dist=True)
         if self.trainer.sanity_checking:
             return
-        entry = {"epoch": self.current_epoch, "step": self.global_step, **values}
+        after_fit = self.trainer.state.fn == "validate" and self.last_train_epoch is not None
+        epoch = self.last_train_epoch if after_fit else self.current_epoch
+        entry = {"epoch": epoch, "step": self.global_step, **values}
         self.history.append(entry)
         value = values[self.main_metric]
         if self.best is None or (not math.isnan(value) and (math.isnan(self.best["value"]) or value > self.best["value"])):
             self.best = {
                 "metric": self.main_metric,
                 "value": value,
-                "epoch": self.current_epoch,
+                "epoch": epoch,
                 "step": self.global_step,
                 "metrics": values,
             }
-        log.info("epoch %d step %d: %s (best %s=%.4f at epoch %d)", self.current_epoch, self.global_step,
+        log.info("epoch %d step %d: %s (best %s=%.4f at epoch %d)", epoch, self.global_step,
                  " ".join(f"{k}={v:.4f}" for k, v in values.items()), self.main_metric, self.best["value"],
                  self.best["epoch"])
 
