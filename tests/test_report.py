@@ -40,6 +40,25 @@ def test_table_picks_the_best_config_per_method_and_pools_seeds(sweep):
         assert row["seeds"] == [1, 2]
 
 
+def test_min_seeds_reports_the_re_run_winner_not_a_lucky_single_seed(sweep):
+    runs, _ = load_runs(sweep)
+    runs = runs.copy()
+    single, pooled = sorted(runs["lr"].unique())
+    full = runs["label"] == "full"
+    # full: lr `single` ran on seed 1 only and scored high; lr `pooled` ran on both seeds
+    runs = runs[~(full & (runs["lr"] == single) & (runs["seed"] == 2))].copy()
+    full = runs["label"] == "full"
+    runs.loc[full & (runs["lr"] == single), "best"] = 0.9
+    runs.loc[full & (runs["lr"] == pooled), "best"] = [0.6, 0.7]
+    assert build_tables(runs)["chosen"].set_index("label").loc["full"]["lr"] == single
+    row = build_tables(runs, min_seeds=2)["chosen"].set_index("label").loc["full"]
+    assert row["lr"] == pooled and row["n"] == 2 and row["mean"] == pytest.approx(0.65)
+    # a method without any config at min_seeds still gets its row
+    lora_one = runs[(runs["label"] != "lora") | (runs["seed"] == 1)]
+    assert "lora" in set(build_tables(lora_one, min_seeds=2)["chosen"]["label"])
+    assert main([str(sweep), "--min-seeds", "0"]) == 2
+
+
 def test_cli_writes_markdown_csv_json_and_pareto(sweep, tmp_path, capsys):
     # a run that broke is listed apart, never pooled
     broken = tmp_path / "runs"

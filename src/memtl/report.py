@@ -97,9 +97,12 @@ def _order(labels) -> list[str]:
     return sorted(labels, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m))
 
 
-def select_configs(done: pd.DataFrame) -> pd.DataFrame:
+def select_configs(done: pd.DataFrame, min_seeds: int = 1) -> pd.DataFrame:
     """Per backbone × task × method: the configuration with the best mean dev metric over
-    its seeds (ties: more seeds, then the first). One row per choice with mean, std, n."""
+    its seeds (ties: more seeds, then the first). One row per choice with mean, std, n.
+    ``min_seeds``: only configurations run with at least that many seeds compete (a grid
+    searched on one seed, the winner re-run on more: the re-run is what is reported);
+    where a method has none, all of its configurations do."""
     per_setup = (done.dropna(subset=["best"])
                  .groupby(["backbone", "task", "metric", "label", "setup"], sort=False)
                  .agg(mean=("best", "mean"), std=("best", "std"), n=("best", "size"),
@@ -108,6 +111,9 @@ def select_configs(done: pd.DataFrame) -> pd.DataFrame:
                       trainable_pct=("trainable_%", "first"), lr=("lr", "first"))
                  .reset_index())
     per_setup["configs_tried"] = per_setup.groupby(["backbone", "task", "label"])["setup"].transform("size")
+    enough = per_setup["n"] >= min_seeds
+    any_enough = enough.groupby([per_setup["backbone"], per_setup["task"], per_setup["label"]]).transform("any")
+    per_setup = per_setup[enough | ~any_enough]
     per_setup = per_setup.sort_values(["mean", "n"], ascending=False)
     return per_setup.groupby(["backbone", "task", "label"], sort=False).head(1).reset_index(drop=True)
 
@@ -129,11 +135,11 @@ def _markdown(df: pd.DataFrame) -> str:
     return "\n".join([header, align, *body])
 
 
-def build_tables(runs: pd.DataFrame, scale: float = 100.0) -> dict:
+def build_tables(runs: pd.DataFrame, scale: float = 100.0, min_seeds: int = 1) -> dict:
     done = runs[runs["status"] == "completed"] if not runs.empty else runs
     if done.empty:
         return {"chosen": pd.DataFrame(), "scores": pd.DataFrame(), "memory": pd.DataFrame()}
-    chosen = select_configs(done)
+    chosen = select_configs(done, min_seeds)
     chosen["column"] = chosen["task"] + (" (" + chosen["backbone"] + ")" if chosen["backbone"].nunique() > 1 else "")
     columns = list(dict.fromkeys(chosen.sort_values(["backbone", "task"])["column"]))
     methods = _order(chosen["label"].unique())
@@ -200,19 +206,21 @@ def plot_pareto(chosen: pd.DataFrame, path: Path, scale: float = 100.0) -> Path 
     return path
 
 
-def write_report(root: Path, out: Path, scale: float = 100.0) -> dict:
+def write_report(root: Path, out: Path, scale: float = 100.0, min_seeds: int = 1) -> dict:
     runs, unreadable = load_runs(root)
     if runs.empty and not unreadable:
         raise ConfigError(f"no results.json under {root}: point memtl report at a folder of runs "
                           "(e.g. multirun/<time> or outputs/)")
-    tables = build_tables(runs, scale)
+    tables = build_tables(runs, scale, min_seeds)
     out.mkdir(parents=True, exist_ok=True)
     figure = plot_pareto(tables["chosen"], out / "pareto.png", scale) if not tables["chosen"].empty else None
 
     lines = [f"# Report: {root}", "",
              f"{len(runs)} runs ({int((runs['status'] == 'completed').sum()) if not runs.empty else 0} completed). "
              f"Scores: best dev value of each task's main metric (×{scale:g}), mean ± std over seeds, for the "
-             "configuration of each method with the best mean (seed aside).", ""]
+             "configuration of each method with the best mean (seed aside)"
+             + (f" among those run with at least {min_seeds} seeds where a method has such" if min_seeds > 1 else "")
+             + ".", ""]
     if not tables["scores"].empty:
         lines += ["## Dev score per method", "", _markdown(tables["scores"]), "",
                   "## Peak step memory (MiB) and ratio to full fine-tuning", "", _markdown(tables["memory"]), ""]
@@ -259,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("folder", help="folder of runs (searched recursively for results.json)")
     p.add_argument("--out", default=None, help="output folder (default: <folder>/report)")
     p.add_argument("--scale", type=float, default=100.0, help="multiply metrics by this (100: percent)")
+    p.add_argument("--min-seeds", type=int, default=1,
+                   help="only configurations run with at least this many seeds compete for a method's row "
+                        "(where it has any): a grid on one seed, its winner re-run on more")
     p.add_argument("--wandb", action="store_true", help="also log the tables and figure to a W&B run")
     p.add_argument("--project", default="memtl", help="W&B project for --wandb")
     args = p.parse_args(argv)
@@ -266,9 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     if not root.is_dir():
         print(f"error: {root} is not a folder: give the multirun/outputs folder holding the runs", file=sys.stderr)
         return 2
+    if args.min_seeds < 1:
+        print(f"error: --min-seeds {args.min_seeds}: must be >= 1", file=sys.stderr)
+        return 2
     out = Path(args.out) if args.out else root / "report"
     try:
-        report = write_report(root, out, args.scale)
+        report = write_report(root, out, args.scale, args.min_seeds)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
