@@ -59,6 +59,22 @@ def test_min_seeds_reports_the_re_run_winner_not_a_lucky_single_seed(sweep):
     assert main([str(sweep), "--min-seeds", "0"]) == 2
 
 
+def test_an_option_left_null_pools_with_runs_from_before_it_existed(sweep, tmp_path):
+    old = tmp_path / "runs"
+    shutil.copytree(sweep, old)
+    edited = 0
+    for path in old.glob("*/results.json"):
+        res = json.loads(path.read_text())
+        if res["config"]["method"]["name"] == "lora" and res["config"]["seed"] == 2:
+            assert res["config"]["method"]["target_modules"] is None
+            del res["config"]["method"]["target_modules"]  # as written before the option existed
+            path.write_text(json.dumps(res))
+            edited += 1
+    assert edited == 2
+    chosen = build_tables(load_runs(old)[0])["chosen"].set_index("label")
+    assert chosen.loc["lora", "n"] == 2 and chosen.loc["lora", "configs_tried"] == 2
+
+
 def test_cli_writes_markdown_csv_json_and_pareto(sweep, tmp_path, capsys):
     # a run that broke is listed apart, never pooled
     broken = tmp_path / "runs"

@@ -59,7 +59,9 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, list[dict]]:
             continue
         method = _get(r, "run", "method", default=method_cfg.get("name"))
         label = f"{method}+ckpt" if method_cfg.get("gradient_checkpointing") else method
-        options = {k: v for k, v in method_cfg.items() if k not in ("name", "lr")}
+        # null options are the method's defaults: a run from before an option existed
+        # (key absent) pools with later runs that leave it null
+        options = {k: v for k, v in method_cfg.items() if k not in ("name", "lr") and v is not None}
         trainable, total = _get(r, "params", "trainable"), _get(r, "params", "total")
         rows.append({
             "run": str(path.parent.relative_to(root)) or ".",
