@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from conftest import run_cli
 
-from memtl.report import build_tables, load_runs, main, pareto_front
+from memtl.report import build_tables, label_offsets, load_runs, main, pareto_front
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +114,15 @@ def test_wandb_offline_logs_the_tables(sweep, tmp_path, monkeypatch):
 def test_pareto_front():
     pts = [(100, 80, "a"), (50, 70, "b"), (60, 65, "c"), (200, 80, "d"), (300, 90, "e")]
     assert [p[2] for p in pareto_front(pts)] == ["b", "a", "e"]
+
+
+def test_label_offsets_separate_close_markers_and_leave_lone_ones():
+    # two markers at the same spot (as meft1 and sherl on RTE), one far away
+    offsets = label_offsets([(0.2, 0.5), (0.2, 0.5), (0.9, 0.1)])
+    assert offsets[0] == offsets[2] == (5.0, 4.0)
+    assert abs(offsets[1][1] - offsets[0][1]) >= 11.0
+    # a crowd of five at one spot: every label on its own rung
+    assert len({dy for _, dy in label_offsets([(0.5, 0.5)] * 5)}) == 5
 
 
 @pytest.mark.parametrize("make,needle", [

@@ -179,6 +179,25 @@ def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, fl
     return front
 
 
+def label_offsets(xy: list[tuple[float, float]], min_dx: float = 0.14, min_dy: float = 0.05,
+                  step: float = 11.0) -> list[tuple[float, float]]:
+    """Text offsets (points) for labels of markers at axes-fraction positions ``xy``, so that
+    two labels never sit on top of each other: a label that would collide with one already
+    placed moves down (then up) in ``step``-point rungs until it is clear."""
+    placed: list[tuple[float, float]] = []  # label anchors, axes fraction
+    offsets = []
+    for x, y in xy:
+        for k in range(0, 2 * len(xy) + 1):
+            shift = (k + 1) // 2 * (-1 if k % 2 else 1)  # 0, -1, +1, -2, +2, ...
+            dy = 4 + step * shift
+            ay = y + dy / 250  # ~250 points per axes height in these figures
+            if all(abs(x - px) >= min_dx or abs(ay - py) >= min_dy for px, py in placed):
+                break
+        placed.append((x, ay))
+        offsets.append((5.0, dy))
+    return offsets
+
+
 def plot_pareto(chosen: pd.DataFrame, path: Path, scale: float = 100.0) -> Path | None:
     from matplotlib.figure import Figure
 
@@ -189,17 +208,24 @@ def plot_pareto(chosen: pd.DataFrame, path: Path, scale: float = 100.0) -> Path 
     fig = Figure(figsize=(5.2 * len(panels), 4.2))
     for i, (column, g) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
-        points = [(r.peak_step_mib, scale * r.mean, r.label) for r in g.itertuples()]
-        for mem, score, label in points:  # one colour per method, the same in every panel
+        rows = list(g.itertuples())
+        points = [(r.peak_step_mib, scale * r.mean, r.label) for r in rows]
+        for r, (mem, score, label) in zip(rows, points):  # one colour per method, the same in every panel
             color = f"C{METHOD_ORDER.index(label) % 10}" if label in METHOD_ORDER else "gray"
-            ax.scatter(mem, score, s=45, color=color, edgecolor="black", linewidth=0.5, zorder=3)
-            ax.annotate(label, (mem, score), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            err = scale * r.std if r.n > 1 else None  # ± std over seeds
+            ax.errorbar(mem, score, yerr=err, fmt="o", markersize=7, color=color, markeredgecolor="black",
+                        markeredgewidth=0.5, ecolor=color, elinewidth=1, capsize=3, zorder=3)
         front = pareto_front(points)
         ax.plot([p[0] for p in front], [p[1] for p in front], color="tab:red", linestyle="--", linewidth=1,
                 label="Pareto front", zorder=2)
         ax.set_xlim(0, max(p[0] for p in points) * 1.2)
+        lo, hi = ax.get_ylim()
+        xy = [(mem / ax.get_xlim()[1], (score - lo) / (hi - lo)) for mem, score, _ in points]
+        for r, (mem, score, label), off in zip(rows, points, label_offsets(xy)):
+            text = f"{label} ({r.n} seeds)" if r.n > 1 else label
+            ax.annotate(text, (mem, score), textcoords="offset points", xytext=off, fontsize=8)
         ax.set_xlabel("peak step memory (MiB)")
-        ax.set_ylabel(f"best dev {g['metric'].iloc[0]} (×{scale:g})")
+        ax.set_ylabel(f"best dev {g['metric'].iloc[0]} (×{scale:g}); bars: ± std over seeds")
         ax.set_title(column)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
