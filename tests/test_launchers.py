@@ -57,7 +57,7 @@ def test_local_submitit_jobs_write_results_where_report_reads_them(local_sweep, 
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| full |" in md and "| lora |" in md
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
-    assert {r["method"] for r in data["tables"]["scores"]} == {"full", "lora"}
+    assert {r["method"] for r in data["tables"]["scores"]} == {"full", "lora", "majority class"}
 
 
 def test_slurm_launcher_takes_its_resources_from_the_cluster_block():

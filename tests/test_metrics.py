@@ -10,7 +10,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from memtl.data import GLUE_TASKS, get_task
-from memtl.metrics import GlueMetrics, main_metric_mode
+from memtl.metrics import GlueMetrics, main_metric_mode, majority_class_baseline
 
 SEEDS = [0, 1, 2, 3]
 
@@ -158,3 +158,18 @@ def test_ddp_sync():
         assert half.compute() != pytest.approx(want, abs=1e-3)  # so equality below needs the sync
         for rank in (0, 1):
             assert results[rank][name] == pytest.approx(want, abs=1e-5), (name, rank)
+
+
+def test_majority_class_baseline_scores_the_constant_prediction():
+    train = torch.tensor([1, 1, 0, 1, 0])  # class 1 is the majority of train...
+    dev = torch.tensor([0, 0, 0, 1, 1])    # ...and the minority of dev
+    got = majority_class_baseline("mrpc", train, [dev])
+    assert got["label"] == 1
+    constant = np.ones(5, dtype=int)
+    assert got["metrics"]["accuracy"] == pytest.approx(accuracy_score(dev.numpy(), constant))  # 0.4
+    assert got["metrics"]["f1"] == pytest.approx(f1_score(dev.numpy(), constant, pos_label=1))  # 0.571
+    # MNLI: one dict, the mismatched split's keys prefixed as in training
+    mnli = majority_class_baseline("mnli", torch.tensor([2, 2, 0]), [torch.tensor([2, 1]), torch.tensor([0, 0, 2])])
+    assert mnli["metrics"] == pytest.approx({"accuracy": 0.5, "mm_accuracy": 1 / 3})
+    assert majority_class_baseline("cola", torch.tensor([1, 1, 0]), [torch.tensor([0, 1])])["metrics"]["mcc"] == 0
+    assert majority_class_baseline("stsb", torch.tensor([0.2, 4.0]), [torch.tensor([1.0, 2.0])]) is None

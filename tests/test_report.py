@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from conftest import run_cli
 
+from memtl.data.glue import read_glue_split
 from memtl.report import build_tables, label_offsets, load_runs, main, pareto_front
 
 
@@ -94,7 +95,7 @@ def test_cli_writes_markdown_csv_json_and_pareto(sweep, tmp_path, capsys):
     runs = pd.read_csv(tmp_path / "rep" / "runs.csv")
     assert len(runs) == 8 and set(runs["status"]) == {"completed", "failed"}
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
-    assert {r["method"] for r in data["tables"]["scores"]} == {"full", "lora"}
+    assert {r["method"] for r in data["tables"]["scores"]} == {"full", "lora", "majority class"}
     # the memory table's ratio is against full fine-tuning's peak
     mem = {r["method"]: r for r in data["tables"]["memory"]}
     col = next(k for k in mem["lora"] if k.endswith("/ full"))
@@ -109,6 +110,17 @@ def test_wandb_offline_logs_the_tables(sweep, tmp_path, monkeypatch):
     assert main([str(sweep), "--out", str(tmp_path / "rep"), "--wandb"]) == 0
     runs = list((tmp_path / "rep" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_majority_class_row_from_the_runs_baseline(sweep, glue_root):
+    runs, _ = load_runs(sweep)
+    scores = build_tables(runs)["scores"].set_index("method")
+    # RTE's first 24 dev rows, scored as always predicting train's majority label
+    train = [r["label"] for r in read_glue_split("rte", "train", glue_root)]
+    dev = [r["label"] for r in read_glue_split("rte", "validation", glue_root)][:24]
+    majority = max(set(train), key=train.count)
+    assert scores.loc["majority class", "rte accuracy"] == f"{100 * dev.count(majority) / 24:.1f}"
+    assert list(scores.index[:2]) == ["full", "lora"]  # methods first, the floor last
 
 
 def test_pareto_front():

@@ -9,6 +9,7 @@ import torch
 from conftest import REPO, SHARED_DATA, compose, run_cli
 
 from memtl.data import get_task
+from memtl.data.glue import read_glue_split
 from memtl.run import run
 
 SMOKE = ["trainer.limit_train_batches=3", "trainer.max_epochs=1", "data.max_eval_samples=24", "logger=none",
@@ -35,6 +36,18 @@ def test_tiny_bert_on_every_glue_format(task, glue_root, tmp_path):
     assert on_disk["config"]["task"]["name"] == task
     if task == "mnli":
         assert {"accuracy", "mm_accuracy"} <= set(on_disk["metrics"])
+    if task == "stsb":
+        assert on_disk["baseline"] is None
+    else:  # the floor, from the real files: the train split's majority label on the dev rows scored
+        train = [r["label"] for r in read_glue_split(task, "train", glue_root)]
+        majority = max(set(train), key=train.count)
+        dev = [r["label"] for r in read_glue_split(task, get_task(task).eval_splits[0], glue_root)]
+        dev = dev[:cfg.data.max_eval_samples] if cfg.data.max_eval_samples else dev
+        assert on_disk["baseline"]["label"] == majority
+        if task == "cola":  # Matthews correlation of a constant prediction
+            assert on_disk["baseline"]["metrics"] == {"mcc": 0.0}
+        else:
+            assert on_disk["baseline"]["metrics"]["accuracy"] == pytest.approx(dev.count(majority) / len(dev))
 
 
 def test_evaluation_after_max_steps_belongs_to_the_epoch_it_trained_in(glue_root, tmp_path):

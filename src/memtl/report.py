@@ -73,6 +73,8 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, list[dict]]:
             "metric": _get(r, "best", "metric", default=_get(cfg, "task", "main_metric")),
             "best": _get(r, "best", "value"),
             "best_epoch": _get(r, "best", "epoch"),
+            # what always predicting the majority class scores on the same dev split
+            "baseline": _get(r, "baseline", "metrics", _get(r, "best", "metric", default="") or ""),
             "lr": _get(cfg, "optim", "lr"),
             "batch_size": _get(cfg, "data", "batch_size"),
             "epochs": _get(cfg, "trainer", "max_epochs"),
@@ -156,6 +158,10 @@ def build_tables(runs: pd.DataFrame, scale: float = 100.0, min_seeds: int = 1) -
     scores["avg"] = [f"{scale * means.loc[m].mean():.1f}" if m in means.index and means.loc[m].notna().all()
                      and len(means.columns) == len(columns) else "" for m in methods]
     scores["trainable %"] = [f"{chosen[chosen['label'] == m]['trainable_pct'].iloc[0]:.2f}" for m in methods]
+    floor = majority_scores(done, chosen)
+    if floor:  # the floor every method has to clear, in the same units
+        scores.loc[len(scores)] = ["majority class", *[f"{scale * floor[c]:.1f}" if c in floor else ""
+                                                       for c in columns], "", ""]
 
     memory = pd.DataFrame({"method": methods})
     for col in columns:
@@ -165,7 +171,20 @@ def build_tables(runs: pd.DataFrame, scale: float = 100.0, min_seeds: int = 1) -
                                      pd.notna(sub.at[m, "peak_step_mib"]) else "" for m in methods]
         memory[f"{col} / full"] = [f"{sub.at[m, 'peak_step_mib'] / full:.3f}" if full and m in sub.index and
                                    pd.notna(sub.at[m, "peak_step_mib"]) else "" for m in methods]
-    return {"chosen": chosen, "scores": scores, "memory": memory}
+    return {"chosen": chosen, "scores": scores, "memory": memory, "floor": floor}
+
+
+def majority_scores(done: pd.DataFrame, chosen: pd.DataFrame) -> dict[str, float]:
+    """Per table column: the majority-class score of its dev split, read from its runs'
+    ``results.json`` (``baseline``); columns whose runs predate it are left out."""
+    if "baseline" not in done or chosen.empty:
+        return {}
+    column_of = chosen.drop_duplicates(["backbone", "task"]).set_index(["backbone", "task"])["column"]
+    out = {}
+    for (backbone, task), g in done.dropna(subset=["baseline"]).groupby(["backbone", "task"]):
+        if (backbone, task) in column_of.index:
+            out[column_of[(backbone, task)]] = float(g["baseline"].iloc[0])
+    return out
 
 
 def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
@@ -198,7 +217,8 @@ def label_offsets(xy: list[tuple[float, float]], min_dx: float = 0.14, min_dy: f
     return offsets
 
 
-def plot_pareto(chosen: pd.DataFrame, path: Path, scale: float = 100.0) -> Path | None:
+def plot_pareto(chosen: pd.DataFrame, path: Path, scale: float = 100.0,
+                floor: dict[str, float] | None = None) -> Path | None:
     from matplotlib.figure import Figure
 
     pts = chosen.dropna(subset=["peak_step_mib", "mean"])
@@ -218,6 +238,8 @@ def plot_pareto(chosen: pd.DataFrame, path: Path, scale: float = 100.0) -> Path 
         front = pareto_front(points)
         ax.plot([p[0] for p in front], [p[1] for p in front], color="tab:red", linestyle="--", linewidth=1,
                 label="Pareto front", zorder=2)
+        if floor and column in floor:
+            ax.axhline(scale * floor[column], color="gray", linestyle=":", linewidth=1, label="majority class")
         ax.set_xlim(0, max(p[0] for p in points) * 1.2)
         lo, hi = ax.get_ylim()
         xy = [(mem / ax.get_xlim()[1], (score - lo) / (hi - lo)) for mem, score, _ in points]
@@ -241,7 +263,8 @@ def write_report(root: Path, out: Path, scale: float = 100.0, min_seeds: int = 1
                           "(e.g. multirun/<time> or outputs/)")
     tables = build_tables(runs, scale, min_seeds)
     out.mkdir(parents=True, exist_ok=True)
-    figure = plot_pareto(tables["chosen"], out / "pareto.png", scale) if not tables["chosen"].empty else None
+    figure = (plot_pareto(tables["chosen"], out / "pareto.png", scale, tables.get("floor"))
+              if not tables["chosen"].empty else None)
 
     lines = [f"# Report: {root}", "",
              f"{len(runs)} runs ({int((runs['status'] == 'completed').sum()) if not runs.empty else 0} completed). "
@@ -267,7 +290,7 @@ def write_report(root: Path, out: Path, scale: float = 100.0, min_seeds: int = 1
         lines.append("")
     (out / "report.md").write_text("\n".join(lines))
     runs.to_csv(out / "runs.csv", index=False)
-    data = {k: v.to_dict(orient="records") for k, v in tables.items()}
+    data = {k: v.to_dict(orient="records") if isinstance(v, pd.DataFrame) else v for k, v in tables.items()}
     (out / "report.json").write_text(json.dumps({"root": str(root), "tables": data, "unreadable": unreadable},
                                                 indent=2, default=str))
     return {"runs": runs, "tables": tables, "figure": figure, "out": out, "unreadable": unreadable}

@@ -148,6 +148,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             # with a labeled test split: that split. Scored once with the selected weights
             best = getattr(trainer.checkpoint_callback, "best_model_path", None)
             trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        results["baseline"] = majority_baseline(datamodule)
         results["status"] = "interrupted" if trainer.interrupted else "completed"
         if results["status"] == "completed":
             finish_last_checkpoint(trainer)
@@ -191,6 +192,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             _log_summary(trainer, results)
         write_results(output_dir, results)
     return results
+
+
+def majority_baseline(datamodule) -> dict | None:
+    """The majority-class scores on the dev split(s) (``memtl.metrics.majority_class_baseline``),
+    for GLUE classification tasks; None where there is no such floor (regression, QA)."""
+    from memtl.data.glue import GlueDataModule
+    from memtl.metrics import majority_class_baseline
+
+    if not isinstance(datamodule, GlueDataModule) or datamodule.train_set is None or not datamodule.eval_sets:
+        return None
+    return majority_class_baseline(datamodule.task, datamodule.train_set.labels,
+                                   [ds.labels for ds in datamodule.eval_sets])
 
 
 def objective(results: dict[str, Any]) -> float | None:
