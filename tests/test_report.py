@@ -121,6 +121,10 @@ def test_majority_class_row_from_the_runs_baseline(sweep, glue_root):
     majority = max(set(train), key=train.count)
     assert scores.loc["majority class", "rte accuracy"] == f"{100 * dev.count(majority) / 24:.1f}"
     assert list(scores.index[:2]) == ["full", "lora"]  # methods first, the floor last
+    # runs scored on different dev rows disagree on the floor: no row rather than a wrong one
+    mixed = runs.copy()
+    mixed.loc[mixed.index[0], "baseline"] = 0.9
+    assert "majority class" not in set(build_tables(mixed)["scores"]["method"])
 
 
 def test_pareto_front():

@@ -176,13 +176,14 @@ def build_tables(runs: pd.DataFrame, scale: float = 100.0, min_seeds: int = 1) -
 
 def majority_scores(done: pd.DataFrame, chosen: pd.DataFrame) -> dict[str, float]:
     """Per table column: the majority-class score of its dev split, read from its runs'
-    ``results.json`` (``baseline``); columns whose runs predate it are left out."""
+    ``results.json`` (``baseline``); columns whose runs predate it are left out, and so are
+    columns whose runs disagree (different dev rows: ``max_eval_samples``, protocol)."""
     if "baseline" not in done or chosen.empty:
         return {}
     column_of = chosen.drop_duplicates(["backbone", "task"]).set_index(["backbone", "task"])["column"]
     out = {}
     for (backbone, task), g in done.dropna(subset=["baseline"]).groupby(["backbone", "task"]):
-        if (backbone, task) in column_of.index:
+        if (backbone, task) in column_of.index and g["baseline"].round(6).nunique() == 1:
             out[column_of[(backbone, task)]] = float(g["baseline"].iloc[0])
     return out
 
