@@ -136,9 +136,17 @@ def test_label_offsets_separate_close_markers_and_leave_lone_ones():
     # two markers at the same spot (as meft1 and sherl on RTE), one far away
     offsets = label_offsets([(0.2, 0.5), (0.2, 0.5), (0.9, 0.1)])
     assert offsets[0] == offsets[2] == (5.0, 4.0)
-    assert abs(offsets[1][1] - offsets[0][1]) >= 11.0
+    assert offsets[1] == (-5.0, 4.0)  # the twin's label on the other side
     # a crowd of five at one spot: every label on its own rung
-    assert len({dy for _, dy in label_offsets([(0.5, 0.5)] * 5)}) == 5
+    assert len(set(label_offsets([(0.5, 0.5)] * 5))) == 5
+    # no label box (0.14 × 0.045 axes fraction, right of and above its anchor) covers another
+    # marker: meft2 / meft3 / meft1 packed as on the MRPC panel of the session-5 report
+    xy = [(0.17, 0.76), (0.12, 0.70), (0.20, 0.67)]
+    for i, ((x, y), (dx, dy)) in enumerate(zip(xy, label_offsets(xy))):
+        left, low = (x if dx > 0 else x - 0.14), y + dy / 250
+        assert not any(j != i and left <= mx <= left + 0.14 and low <= my <= low + 0.045
+                       for j, (mx, my) in enumerate(xy))
+        assert abs(dy) <= 4 + 11  # and it stays next to its own marker
 
 
 @pytest.mark.parametrize("make,needle", [

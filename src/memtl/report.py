@@ -199,22 +199,37 @@ def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, fl
     return front
 
 
-def label_offsets(xy: list[tuple[float, float]], min_dx: float = 0.14, min_dy: float = 0.05,
+def label_offsets(xy: list[tuple[float, float]], width: float = 0.14, height: float = 0.045,
                   step: float = 11.0) -> list[tuple[float, float]]:
-    """Text offsets (points) for labels of markers at axes-fraction positions ``xy``, so that
-    two labels never sit on top of each other: a label that would collide with one already
-    placed moves down (then up) in ``step``-point rungs until it is clear."""
-    placed: list[tuple[float, float]] = []  # label anchors, axes fraction
+    """Text offsets (points) for the labels of markers at axes-fraction positions ``xy``: each
+    label (a box ``width`` × ``height`` above its marker, to the right, else to the left:
+    negative x offset, right-aligned text) goes on the first rung, ``step`` points apart
+    (0, +1, −1, +2, …), where it overlaps no label already placed and covers no other marker."""
+    marker = 0.012  # marker radius, axes fraction
+
+    def clear(i, x0, y0):
+        if any(x0 < px + width and px < x0 + width and y0 < py + height and py < y0 + height for px, py in placed):
+            return False
+        return not any(j != i and x0 - marker <= mx <= x0 + width + marker and y0 - marker <= my <= y0 + height + marker
+                       for j, (mx, my) in enumerate(xy))
+
+    placed: list[tuple[float, float]] = []  # lower-left corners of the label boxes
     offsets = []
-    for x, y in xy:
-        for k in range(0, 2 * len(xy) + 1):
-            shift = (k + 1) // 2 * (-1 if k % 2 else 1)  # 0, -1, +1, -2, +2, ...
+    for i, (x, y) in enumerate(xy):
+        choice = None
+        for k in range(0, 2 * len(xy) + 3):
+            shift = (k + 1) // 2 * (1 if k % 2 else -1)  # 0, +1, -1, +2, -2, ...
             dy = 4 + step * shift
-            ay = y + dy / 250  # ~250 points per axes height in these figures
-            if all(abs(x - px) >= min_dx or abs(ay - py) >= min_dy for px, py in placed):
+            y0 = y + dy / 250  # ~250 points per axes height in these figures
+            for dx, x0 in ((5.0, x), (-5.0, x - width)):
+                if clear(i, x0, y0):
+                    choice = (dx, dy, x0, y0)
+                    break
+            if choice:
                 break
-        placed.append((x, ay))
-        offsets.append((5.0, dy))
+        dx, dy, x0, y0 = choice or (5.0, 4.0, x, y + 4 / 250)
+        placed.append((x0, y0))
+        offsets.append((dx, dy))
     return offsets
 
 
@@ -246,7 +261,8 @@ def plot_pareto(chosen: pd.DataFrame, path: Path, scale: float = 100.0,
         xy = [(mem / ax.get_xlim()[1], (score - lo) / (hi - lo)) for mem, score, _ in points]
         for r, (mem, score, label), off in zip(rows, points, label_offsets(xy)):
             text = f"{label} ({r.n} seeds)" if r.n > 1 else label
-            ax.annotate(text, (mem, score), textcoords="offset points", xytext=off, fontsize=8)
+            ax.annotate(text, (mem, score), textcoords="offset points", xytext=off, fontsize=8,
+                        ha="left" if off[0] > 0 else "right")
         ax.set_xlabel("peak step memory (MiB)")
         ax.set_ylabel(f"best dev {g['metric'].iloc[0]} (×{scale:g}); bars: ± std over seeds")
         ax.set_title(column)
