@@ -122,6 +122,14 @@ def test_majority_class_row_from_the_runs_baseline(sweep, glue_root):
     assert scores.loc["majority class", "rte accuracy"] == f"{100 * dev.count(majority) / 24:.1f}"
     assert list(scores.index[:2]) == ["full", "lora"]  # methods first, the floor last
     # runs scored on different dev rows disagree on the floor: no row rather than a wrong one
+    garbled = sweep.parent / "garbled"
+    shutil.copytree(sweep, garbled)
+    first = sorted(garbled.glob("*/results.json"))[0]
+    data = json.loads(first.read_text())
+    data["baseline"] = {"metrics": {"accuracy": "n/a"}}
+    first.write_text(json.dumps(data))
+    assert build_tables(load_runs(garbled)[0])["scores"].set_index("method").loc["majority class", "rte accuracy"] \
+        == scores.loc["majority class", "rte accuracy"]  # the garbled value is ignored, not a crash
     mixed = runs.copy()
     mixed.loc[mixed.index[0], "baseline"] = 0.9
     assert "majority class" not in set(build_tables(mixed)["scores"]["method"])

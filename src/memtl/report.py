@@ -92,7 +92,8 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, list[dict]]:
             "error": (str(r.get("error") or "").splitlines() or [""])[0],
         })
     runs = pd.DataFrame(rows)
-    if not runs.empty:
+    if not runs.empty:  # a hand-edited or foreign results.json: a non-number is no baseline
+        runs["baseline"] = pd.to_numeric(runs["baseline"], errors="coerce")
         runs["setup"] = [", ".join(f"{k}={row[k]}" for k in SETUP_KEYS) for _, row in runs.iterrows()]
     return runs, unreadable
 
