@@ -31,8 +31,8 @@ class MatthewsCorrCoef(Metric):
 
     full_state_update = False
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
         self.add_state("confmat", torch.zeros(4, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: torch.Tensor, labels: torch.Tensor) -> None:
@@ -47,15 +47,17 @@ class MatthewsCorrCoef(Metric):
 class GlueMetrics(nn.Module):
     """update(logits_or_preds, labels) per batch, compute() -> {key: float}, reset() per epoch."""
 
-    def __init__(self, task: GlueTask | str, prefix: str = ""):  # or a memtl.data.qa.QATask
+    def __init__(self, task: GlueTask | str, prefix: str = "", sync: bool = True):  # or a memtl.data.qa.QATask
+        # sync=False: compute() stays on this process (no DDP collective), for data every rank holds whole
         super().__init__()
         self.task, self.prefix = get_task(task), prefix
+        kw = {"sync_on_compute": sync}
         make = {
-            "accuracy": lambda: MulticlassAccuracy(num_classes=self.task.num_labels, average="micro"),
-            "f1": BinaryF1Score,  # positive class = label 1 (equivalent / duplicate)
-            "mcc": MatthewsCorrCoef,
-            "pearson": PearsonCorrCoef,
-            "spearman": SpearmanCorrCoef,
+            "accuracy": lambda: MulticlassAccuracy(num_classes=self.task.num_labels, average="micro", **kw),
+            "f1": lambda: BinaryF1Score(**kw),  # positive class = label 1 (equivalent / duplicate)
+            "mcc": lambda: MatthewsCorrCoef(**kw),
+            "pearson": lambda: PearsonCorrCoef(**kw),
+            "spearman": lambda: SpearmanCorrCoef(**kw),
         }
         with warnings.catch_warnings():  # Spearman warns that it keeps all preds: 1.5k floats here
             warnings.filterwarnings("ignore", message=".*will save all targets and predictions")
@@ -102,7 +104,7 @@ def majority_class_baseline(task: GlueTask | str, train_labels: torch.Tensor,
     label = int(torch.bincount(train_labels.long(), minlength=task.num_labels).argmax())
     scores = {}
     for prefix, labels in zip(task.eval_prefixes, eval_labels):
-        metrics = GlueMetrics(task, prefix=prefix)
+        metrics = GlueMetrics(task, prefix=prefix, sync=False)  # every rank holds the whole dev split
         metrics.update(torch.full_like(labels.long(), label), labels)
         scores.update(metrics.compute())
     return {"predictor": "majority class of the training split", "label": label, "metrics": scores}
