@@ -81,3 +81,16 @@ def test_bench_other_architectures(tmp_path, geometry):
         assert r["trainable_params"] <= by[("full", r["layers"])]["trainable_params"]
     # deeper stacks hold more activations under full fine-tuning
     assert by[("full", 3)]["saved_tensor_mib"] > by[("full", 2)]["saved_tensor_mib"]
+
+
+def test_bench_head_only_reference_keeps_no_backbone_activations(tmp_path):
+    """The linear-probe row: a frozen backbone leaves autograd nothing of its own to keep."""
+    rc = main(["--geometry", "tiny", "--layers", "2,4", "--methods", "head", "--batch-size", "2", "--seq-len", "16",
+               "--steps", "1", "--out", str(tmp_path), "--no-peers", "--no-plots"])
+    assert rc == 0
+    by = {(r["method"], r["layers"]): r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    for d in (2, 4):
+        assert by[("head", d)]["trainable_params"] < by[("full", d)]["trainable_params"]
+        assert by[("head", d)]["saved_tensor_mib"] < 0.05 * by[("full", d)]["saved_tensor_mib"]
+    # depth adds nothing to what the head keeps
+    assert by[("head", 4)]["saved_tensor_mib"] == pytest.approx(by[("head", 2)]["saved_tensor_mib"], abs=1e-3)

@@ -91,3 +91,25 @@ def test_bad_options_are_one_clear_error(name, opts, needle):
         apply_method(tiny(), name, **opts)
     msg = str(e.value)
     assert needle in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_head_only_trains_the_task_head_and_nothing_else(kind):
+    """The linear-probe reference: the backbone is frozen, its features get no gradient."""
+    model = apply_method(tiny(kind), "head")
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith(("classifier", "bert.pooler")) for n in names), names
+    head = (H * 2 + 2) + (H * H + H)  # classifier + BERT's pooler / RoBERTa's dense
+    assert count_parameters(model)["trainable"] == head
+    model.train()
+    model(**batch()).loss.backward()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == (n in names), n
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in names)
+
+
+def test_head_only_needs_a_task_head():
+    from transformers import BertConfig, BertModel
+    with pytest.raises(ConfigError, match="method=head: BertModel has no task head"):
+        apply_method(BertModel(BertConfig(hidden_size=H, num_hidden_layers=1, num_attention_heads=4,
+                                          intermediate_size=FF, vocab_size=100)), "head")

@@ -60,6 +60,17 @@ def test_min_seeds_reports_the_re_run_winner_not_a_lucky_single_seed(sweep):
     assert main([str(sweep), "--min-seeds", "0"]) == 2
 
 
+def test_a_tie_goes_to_fewer_trainable_parameters_whatever_the_order(sweep):
+    runs, _ = load_runs(sweep)
+    lora = runs[runs["label"] == "lora"].copy()
+    small, large = sorted(lora["lr"].unique())
+    lora["best"] = 0.5  # both learning rates tie on mean and seed count
+    lora.loc[lora["lr"] == large, "trainable"] = lora["trainable"] * 2
+    for order in (lora, lora.iloc[::-1]):
+        row = build_tables(order)["chosen"].set_index("label").loc["lora"]
+        assert row["lr"] == small and row["trainable"] == lora[lora["lr"] == small]["trainable"].iloc[0]
+
+
 def test_an_option_left_null_pools_with_runs_from_before_it_existed(sweep, tmp_path):
     old = tmp_path / "runs"
     shutil.copytree(sweep, old)

@@ -198,6 +198,22 @@ def test_meft_with_the_reconstruction_monitor_through_the_cli(glue_root, tmp_pat
     assert "meft/recon_err_max" in csv_text and "meft/recon_err/layer_0" in csv_text
 
 
+def test_head_only_run_trains_the_head_and_leaves_the_backbone_as_loaded(glue_root, tmp_path):
+    """method=head (the linear-probe reference) through the whole stack: only the head's
+    weights change; the embeddings and layers end as they were loaded."""
+    from memtl.run import build
+    cfg = compose(["backbone=tiny_bert", "method=head", "task=glue/rte", f"data.root={glue_root}", *SMOKE], tmp_path)
+    trainer, module, datamodule, *_ = build(cfg)
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainer.fit(module, datamodule=datamodule)
+    moved = {n for n, p in module.model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(n.startswith(("classifier.", "bert.pooler.")) for n in moved), moved
+    res = run(compose(["backbone=tiny_bert", "method=head", "task=glue/rte", f"data.root={glue_root}", *SMOKE],
+                      tmp_path / "run"))
+    assert res["status"] == "completed" and res["run"]["method"] == "head"
+    assert res["params"]["trainable"] == 32 * 32 + 32 + 32 * 2 + 2  # tiny_bert: pooler + classifier
+
+
 def test_ladder_side_tuning_protocol_scores_the_test_split(glue_root, tmp_path):
     """protocol=lst: select on a split carved from the data, report the untouched test split."""
     cfg = compose(["backbone=tiny_bert", "method=sherl", "task=glue/mrpc", f"data.root={glue_root}", *SMOKE,

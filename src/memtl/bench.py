@@ -41,6 +41,7 @@ METHOD_SPECS = {
     "meft3+anchor2": ("meft3", {"anchor_every": 2}),
     "sherl": ("sherl", {}),
     "sherl+ckpt": ("sherl", {"gradient_checkpointing": True}),
+    "head": ("head", {}),  # linear probe: only the task head trains
 }
 PEERS = ["full", "lora", "full+ckpt", "lora+ckpt"]  # always measured (unless --no-peers: full only)
 DEFAULT_METHODS = PEERS

@@ -32,7 +32,7 @@ import pandas as pd
 from memtl.cli import ArgumentParser
 from memtl.errors import ConfigError
 
-METHOD_ORDER = ["full", "full+ckpt", "lora", "lora+ckpt", "meft1", "meft2", "meft3", "sherl", "sherl+ckpt"]
+METHOD_ORDER = ["full", "full+ckpt", "lora", "lora+ckpt", "meft1", "meft2", "meft3", "sherl", "sherl+ckpt", "head"]
 # keys that make two runs "the same configuration" apart from the seed
 SETUP_KEYS = ["backbone", "method_options", "lr", "batch_size", "epochs", "max_length", "precision", "protocol"]
 
@@ -104,7 +104,7 @@ def _order(labels) -> list[str]:
 
 def select_configs(done: pd.DataFrame, min_seeds: int = 1) -> pd.DataFrame:
     """Per backbone × task × method: the configuration with the best mean dev metric over
-    its seeds (ties: more seeds, then the first). One row per choice with mean, std, n.
+    its seeds (ties: more seeds, then fewer trainable parameters, then the setup's name). One row per choice with mean, std, n.
     ``min_seeds``: only configurations run with at least that many seeds compete (a grid
     searched on one seed, the winner re-run on more: the re-run is what is reported);
     where a method has none, all of its configurations do."""
@@ -119,7 +119,10 @@ def select_configs(done: pd.DataFrame, min_seeds: int = 1) -> pd.DataFrame:
     enough = per_setup["n"] >= min_seeds
     any_enough = enough.groupby([per_setup["backbone"], per_setup["task"], per_setup["label"]]).transform("any")
     per_setup = per_setup[enough | ~any_enough]
-    per_setup = per_setup.sort_values(["mean", "n"], ascending=False)
+    # ties (equal mean and seed count): fewer trainable parameters, then the setup's name -
+    # the same choice whatever order the folders were read in
+    per_setup = per_setup.sort_values(["mean", "n", "trainable", "setup"], ascending=[False, False, True, True],
+                                      kind="mergesort")
     return per_setup.groupby(["backbone", "task", "label"], sort=False).head(1).reset_index(drop=True)
 
 

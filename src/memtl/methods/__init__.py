@@ -108,4 +108,4 @@ def _load_builtin() -> None:
     if _loaded:
         return
     _loaded = True
-    from memtl.methods import full, lora, meft, sherl  # noqa: F401
+    from memtl.methods import full, head, lora, meft, sherl  # noqa: F401

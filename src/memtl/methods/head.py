@@ -1,0 +1,32 @@
+"""Head only (a linear probe): the pre-trained model stays frozen, only the task head trains.
+
+The reference for every other method: what the frozen features alone score at the same
+budget, so a table shows how much each method adds on top of them (and the majority-class
+floor shows what the head alone could fake by predicting one class).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from memtl.errors import ConfigError
+from memtl.methods import head_parameter_names, register_method
+
+
+@dataclass
+class HeadOptions:
+    pass
+
+
+@register_method("head", HeadOptions)
+def apply_head(model: nn.Module, opts: HeadOptions) -> nn.Module:
+    names = head_parameter_names(model)
+    if not names:
+        raise ConfigError(f"method=head: {type(model).__name__} has no task head to train (classifier, "
+                          "classification_head, score or qa_outputs); load the backbone with a task head "
+                          "(e.g. AutoModelForSequenceClassification)")
+    model.requires_grad_(False)
+    for name in names:
+        model.get_submodule(name).requires_grad_(True)
+    return model
