@@ -138,6 +138,8 @@ CASES = [
     ("train", ["method=meft2", "method.gradient_checkpointing=true"], None,
      "method.gradient_checkpointing=true: MEFT's reversible backward already recomputes activations", 2),
     ("train", ["resume=maybe"], None, "resume=maybe: choose auto or never", 2),
+    ("train", ["method=head", "backbone=tiny_opt", "task=qa/arc_easy"], None,
+     "method=head with tiny_opt on arc_easy: this backbone scores the choices with its LM head", 2),
     ("train", ["hydra.run.dir={d}/file.txt/sub"], None,
      "hydra.run.dir={d}/file.txt/sub: cannot create the run folder ({d}/file.txt is not a folder)", 2),
     ("train", ["-m", "hydra.sweep.dir={d}/file.txt/sub", "method=full,lora"], None,

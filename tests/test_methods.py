@@ -110,6 +110,6 @@ def test_head_only_trains_the_task_head_and_nothing_else(kind):
 
 def test_head_only_needs_a_task_head():
     from transformers import BertConfig, BertModel
-    with pytest.raises(ConfigError, match="method=head: BertModel has no task head"):
+    with pytest.raises(ConfigError, match="method=head: BertModel has no separate task head"):
         apply_method(BertModel(BertConfig(hidden_size=H, num_hidden_layers=1, num_attention_heads=4,
                                           intermediate_size=FF, vocab_size=100)), "head")

@@ -46,7 +46,11 @@ def validate(cfg: DictConfig) -> None:
     if getattr(task, "family", "glue") == "qa" and cfg.backbone.get("model_type"):
         from memtl.backbones import qa_head
 
-        qa_head(cfg.backbone.model_type)  # an architecture without QA support: say so before loading
+        head = qa_head(cfg.backbone.model_type)  # an architecture without QA support: say so before loading
+        _check(cfg.method.name != "head" or head == "multiple_choice",
+               f"method=head with {cfg.backbone.name} on {task.name}: this backbone scores the choices with its "
+               "LM head (tied to the input embeddings), so there is no separate head to train; use an encoder "
+               "backbone (multiple-choice head) or another method")
     _check(_is_int(cfg.seed), f"seed={cfg.seed}: must be an integer")
     _check(isinstance(cfg.data.get("test", True), bool), f"data.test={cfg.data.get('test')}: must be true or false")
     _check(isinstance(cfg.get("eval_before", False), bool),

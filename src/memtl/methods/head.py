@@ -23,9 +23,10 @@ class HeadOptions:
 def apply_head(model: nn.Module, opts: HeadOptions) -> nn.Module:
     names = head_parameter_names(model)
     if not names:
-        raise ConfigError(f"method=head: {type(model).__name__} has no task head to train (classifier, "
-                          "classification_head, score or qa_outputs); load the backbone with a task head "
-                          "(e.g. AutoModelForSequenceClassification)")
+        # e.g. a decoder scoring QA choices with its LM head, tied to the input embeddings
+        raise ConfigError(f"method=head: {type(model).__name__} has no separate task head to train (classifier, "
+                          "classification_head, score or qa_outputs); use head-only with a classification "
+                          "head (GLUE tasks, encoders' multiple-choice QA) or pick another method")
     model.requires_grad_(False)
     for name in names:
         model.get_submodule(name).requires_grad_(True)
