@@ -16,7 +16,7 @@ def test_help_lists_groups_and_options():
 
 
 BAD = [
-    (["method=nope"], "unknown method 'nope': choose one of full, lora"),
+    (["method=nope"], "unknown method 'nope': choose one of full, head, lora"),
     (["-m", "method=full,nope"], "unknown method 'nope'"),
     (["task=glue/foo"], "unknown task 'glue/foo': choose one of glue/cola"),
     (["backbone=gpt9"], "unknown backbone 'gpt9': choose one of bart_base"),
