@@ -35,7 +35,7 @@ def method_kwargs(method_cfg: DictConfig) -> dict[str, Any]:
 def validate(cfg: DictConfig) -> None:
     """Cheap checks of values a typo or a wrong sign would spoil; one line per problem."""
     from memtl.data import get_task
-    from memtl.data.glue import check_data_options
+    from memtl.data.glue import check_data_options, check_pair_encoding
     from memtl.methods import method_options
 
     method_options(cfg.method.name, **method_kwargs(cfg.method))
@@ -66,6 +66,18 @@ def validate(cfg: DictConfig) -> None:
     ws = o.get("warmup_steps")
     _check(ws is None or _is_int(ws) and ws >= 0, f"optim.warmup_steps={ws}: must be an integer >= 0 (or null)")
     d = cfg.data
+    pairs = d.get("pair_encoding", "cross")
+    if getattr(task, "family", "glue") == "qa":
+        _check(pairs == "cross",
+               f"data.pair_encoding={pairs} is a GLUE option; {task.name} is a QA task: set data.pair_encoding=cross")
+    else:
+        check_pair_encoding(pairs, task)
+    if pairs == "siamese" and cfg.backbone.get("model_type"):
+        from memtl.siamese import ENCODER_TYPES
+
+        _check(cfg.backbone.model_type in ENCODER_TYPES,
+               f"data.pair_encoding=siamese needs an encoder backbone ({', '.join(ENCODER_TYPES)}); "
+               f"{cfg.backbone.name} is {cfg.backbone.model_type}: set data.pair_encoding=cross")
     check_data_options(protocol=d.protocol, split_seed=d.split_seed, max_length=d.max_length,
                        batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, num_workers=d.num_workers,
                        max_train_samples=d.max_train_samples, max_eval_samples=d.max_eval_samples)
@@ -327,6 +339,7 @@ def build(cfg: DictConfig):
     from memtl.methods import apply_method, count_parameters
     from memtl.module import FineTuneModule
     from memtl.scoring import MultipleChoiceModel
+    from memtl.siamese import SiameseModel, siamese_head
 
     _quiet_duplicate_logs()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -343,7 +356,8 @@ def build(cfg: DictConfig):
     if qa:
         datamodule = QADataModule(head=head, **common)
     else:
-        datamodule = GlueDataModule(cache_dir=d.cache_dir, split_seed=d.split_seed, **common)
+        datamodule = GlueDataModule(cache_dir=d.cache_dir, split_seed=d.split_seed,
+                                    pair_encoding=d.get("pair_encoding", "cross"), **common)
     datamodule.prepare_data()  # missing or malformed data fails here, before the model is loaded
 
     model = load_model(cfg.backbone, task.num_labels, tokenizer, head=head)
@@ -351,7 +365,12 @@ def build(cfg: DictConfig):
     _check(limit is None or cfg.data.max_length <= limit,
            f"data.max_length={cfg.data.max_length} exceeds backbone {cfg.backbone.name}'s {limit} positions: "
            f"set data.max_length<={limit}")
+    siamese = not qa and d.get("pair_encoding", "cross") == "siamese"
+    if siamese:  # the pair head first, so that the method keeps it trainable like any head
+        model = siamese_head(model)
     model = apply_method(model, cfg.method.name, **method_kwargs(cfg.method))
+    if siamese:
+        model = SiameseModel(model)
     if qa:  # one score per choice (memtl.scoring): logits (batch, choices) and their cross-entropy
         model = MultipleChoiceModel(model, head, task.length_norm)
     model.train()  # from_pretrained returns eval mode and Lightning keeps modes as found: dropout on

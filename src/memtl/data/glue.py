@@ -290,7 +290,55 @@ class TokenizedSplit(Dataset):
         return TokenizedSplit({k: v[pos] for k, v in self.features.items()}, offsets, self.labels[idx])
 
 
-def tokenize_rows(rows, task: GlueTask, tokenizer, max_length: int, chunk: int = 8192) -> TokenizedSplit:
+class SiameseSplit(Dataset):
+    """A sentence-pair split encoded apart (``pair_encoding="siamese"``): the first
+    sentences and the second sentences as two ``TokenizedSplit``s of the same rows; an
+    item holds the first one's features under their names and the second one's with the
+    prefix ``b_``."""
+
+    def __init__(self, a: TokenizedSplit, b: TokenizedSplit):
+        self.a, self.b, self.labels = a, b, a.labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        b = self.b[i]
+        del b["labels"]
+        return self.a[i] | {f"b_{k}": v for k, v in b.items()}
+
+    @property
+    def lengths(self) -> list[int]:  # tokens encoded per row: what a batch costs
+        return [x + y for x, y in zip(self.a.lengths, self.b.lengths)]
+
+    def state(self) -> dict:
+        return {"a": self.a.state(), "b": self.b.state()}
+
+    def select(self, indices) -> "SiameseSplit":
+        return SiameseSplit(self.a.select(indices), self.b.select(indices))
+
+
+def split_from_state(state: dict):
+    """The split ``state()`` stored (a cache file)."""
+    if "a" in state:
+        return SiameseSplit(TokenizedSplit(**state["a"]), TokenizedSplit(**state["b"]))
+    return TokenizedSplit(**state)
+
+
+PAIR_ENCODINGS = ("cross", "siamese")
+
+
+def tokenize_rows(rows, task: GlueTask, tokenizer, max_length: int, chunk: int = 8192,
+                  pair_encoding: str = "cross"):
+    """``cross``: one sequence per row (a sentence pair joined by the tokenizer, BERT's GLUE
+    recipe); ``siamese``: each sentence of a pair tokenized on its own (a ``SiameseSplit``)."""
+    if pair_encoding == "siamese":
+        if len(task.text_keys) != 2:
+            raise ConfigError(f"data.pair_encoding=siamese needs a sentence-pair task; {task.name} has one "
+                              "sentence per example: set data.pair_encoding=cross")
+        a, b = (tokenize_rows(rows, dataclasses.replace(task, text_keys=(k,)), tokenizer, max_length, chunk)
+                for k in task.text_keys)
+        return SiameseSplit(a, b)
     # in chunks: python lists of token ids for a whole large task (QQP, MNLI) would take GBs
     parts = []
     for i in range(0, len(rows), chunk):
@@ -316,7 +364,12 @@ class Collate:
 
     def __call__(self, items):
         labels = torch.stack([it.pop("labels") for it in items])
-        return dict(self.pad(items)) | {"labels": labels}
+        if "b_input_ids" not in items[0]:
+            return dict(self.pad(items)) | {"labels": labels}
+        # siamese pairs: each side padded to its own longest sequence
+        a = [{k: v for k, v in it.items() if not k.startswith("b_")} for it in items]
+        b = [{k[2:]: v for k, v in it.items() if k.startswith("b_")} for it in items]
+        return dict(self.pad(a)) | {f"b_{k}": v for k, v in self.pad(b).items()} | {"labels": labels}
 
 
 def length_grouped(lengths: torch.Tensor, batch_size: int, generator: torch.Generator, mega: int = 50) -> list[int]:
@@ -446,6 +499,15 @@ LST_HOLDOUT = 1000
 # the DataModule
 
 
+def check_pair_encoding(pair_encoding: str, task: GlueTask) -> None:
+    if pair_encoding not in PAIR_ENCODINGS:
+        raise ConfigError(f"data.pair_encoding={pair_encoding}: choose cross (one sequence per pair) or siamese "
+                          "(each sentence encoded apart)")
+    if pair_encoding == "siamese" and len(task.text_keys) != 2:
+        raise ConfigError(f"data.pair_encoding=siamese needs a sentence-pair task; {task.name} has one sentence "
+                          "per example: set data.pair_encoding=cross")
+
+
 def check_data_options(protocol: str = "dev", split_seed: int = 42, **sizes) -> None:
     """The data options a typo spoils, checked before anything is read (``train.py``'s
     preflight calls this too, so that bad values fail before a run folder exists)."""
@@ -486,7 +548,7 @@ class GlueDataModule(L.LightningDataModule):
                  eval_batch_size: int | None = None, max_train_samples: int | None = None,
                  max_eval_samples: int | None = None, group_by_length: bool = False,
                  num_workers: int = 0, seed: int = 42, cache_dir=None, protocol: str = "dev",
-                 split_seed: int = 42):
+                 split_seed: int = 42, pair_encoding: str = "cross"):
         super().__init__()
         check_data_options(protocol=protocol, split_seed=split_seed, max_length=max_length,
                            batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
@@ -495,6 +557,8 @@ class GlueDataModule(L.LightningDataModule):
             raise ConfigError("the tokenizer has no pad token, needed for dynamic padding; set one "
                               "(e.g. tokenizer.pad_token = tokenizer.eos_token) when loading the backbone")
         self._task = get_task(task)
+        check_pair_encoding(pair_encoding, self._task)
+        self.pair_encoding = pair_encoding
         if protocol == "lst" and len(self._task.eval_splits) > 1:
             raise ConfigError(f"data.protocol=lst does not support {self._task.name} yet (two dev sets, while "
                               "the training module expects one validation loader per dev set); set data.protocol=dev")
@@ -576,19 +640,20 @@ class GlueDataModule(L.LightningDataModule):
             self._tok_fp = tokenizer_fingerprint(self.tokenizer)
         import transformers
 
-        key = json.dumps([_CACHE_VERSION, source.fingerprint, self._tok_fp, transformers.__version__,
-                          self.max_length, self._task.name, split, limit])
+        key = [_CACHE_VERSION, source.fingerprint, self._tok_fp, transformers.__version__,
+               self.max_length, self._task.name, split, limit]
+        key = json.dumps(key + ["siamese"] if self.pair_encoding == "siamese" else key)
         path = self.cache_dir / f"{self._task.name}-{split}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
         if path.is_file():
             try:
-                ds = TokenizedSplit(**torch.load(path, weights_only=True))
+                ds = split_from_state(torch.load(path, weights_only=True))
                 self.cache_hits += 1
                 log.info("GLUE %s/%s: %d rows from cache %s", self._task.name, split, len(ds), path)
                 return ds
             except Exception as e:  # a corrupt/old file: re-tokenize and overwrite it
                 log.warning("ignoring unreadable tokenization cache %s (%s)", path, e)
         rows = source.rows()[:limit]
-        ds = tokenize_rows(rows, self._task, self.tokenizer, self.max_length)
+        ds = tokenize_rows(rows, self._task, self.tokenizer, self.max_length, pair_encoding=self.pair_encoding)
         self.cache_misses += 1
         try:  # atomic: a concurrent reader sees the old file or the whole new one, never half
             path.parent.mkdir(parents=True, exist_ok=True)
