@@ -67,8 +67,8 @@ def sweep_grid(path: Path) -> list[list[str]]:
 SWEEP_DIR = REPO / "sweeps"
 SWEEPS = sorted(SWEEP_DIR.rglob("*.yaml"))
 SWEEP_NAMES = [str(p.relative_to(SWEEP_DIR).with_suffix("")) for p in SWEEPS]
-WITH_SMOKE = ["meft_glue_paper", "meft_glue_authors", "sherl_glue_authors", "minilm_accuracy", "opt_qa",
-              "smollm2_arc_easy"]
+WITH_SMOKE = ["meft_glue_paper", "meft_glue_authors", "sherl_glue_authors", "minilm_accuracy", "minilm_siamese",
+              "opt_qa", "smollm2_arc_easy"]
 
 
 def test_sweeps_exist_each_with_a_small_smoke_variant():

@@ -87,6 +87,27 @@ def test_an_option_left_null_pools_with_runs_from_before_it_existed(sweep, tmp_p
     assert chosen.loc["lora", "n"] == 2 and chosen.loc["lora", "configs_tried"] == 2
 
 
+def test_siamese_runs_are_their_own_configuration(sweep, tmp_path):
+    """Runs with data.pair_encoding=siamese never pool with cross-encoded ones; runs written
+    before the option existed count as cross."""
+    mixed = tmp_path / "runs"
+    shutil.copytree(sweep, mixed)
+    for path in mixed.glob("*/results.json"):
+        res = json.loads(path.read_text())
+        if res["config"]["method"]["name"] == "lora" and res["config"]["seed"] == 2:
+            res["config"]["data"]["pair_encoding"] = "siamese"
+        else:
+            res["config"]["data"].pop("pair_encoding")  # as written before the option existed
+        path.write_text(json.dumps(res))
+    runs = load_runs(mixed)[0]
+    siamese = runs["setup"].str.endswith(", pair_encoding=siamese")
+    assert siamese.sum() == 2 and set(runs[siamese]["label"]) == {"lora"}
+    assert not runs[~siamese]["setup"].str.contains("pair_encoding").any()
+    chosen = build_tables(runs)["chosen"].set_index("label")
+    assert chosen.loc["lora", "n"] == 1 and chosen.loc["lora", "configs_tried"] == 4
+    assert chosen.loc["full", "n"] == 2 and chosen.loc["full", "configs_tried"] == 2
+
+
 def test_cli_writes_markdown_csv_json_and_pareto(sweep, tmp_path, capsys):
     # a run that broke is listed apart, never pooled
     broken = tmp_path / "runs"

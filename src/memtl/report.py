@@ -81,6 +81,7 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, list[dict]]:
             "max_length": _get(cfg, "data", "max_length"),
             "precision": str(_get(cfg, "trainer", "precision", default="")),
             "protocol": _get(cfg, "data", "protocol", default="dev"),
+            "pair_encoding": _get(cfg, "data", "pair_encoding", default="cross"),
             "method_options": json.dumps(options, sort_keys=True),
             "trainable": trainable,
             "total": total,
@@ -94,7 +95,10 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, list[dict]]:
     runs = pd.DataFrame(rows)
     if not runs.empty:  # a hand-edited or foreign results.json: a non-number is no baseline
         runs["baseline"] = pd.to_numeric(runs["baseline"], errors="coerce")
-        runs["setup"] = [", ".join(f"{k}={row[k]}" for k in SETUP_KEYS) for _, row in runs.iterrows()]
+        # pair_encoding named only where it is not the default, so older setups keep their names
+        runs["setup"] = [", ".join(f"{k}={row[k]}" for k in SETUP_KEYS)
+                         + ("" if row["pair_encoding"] == "cross" else f", pair_encoding={row['pair_encoding']}")
+                         for _, row in runs.iterrows()]
     return runs, unreadable
 
 
