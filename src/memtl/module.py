@@ -125,7 +125,8 @@ class FineTuneModule(L.LightningModule):
         checkpoint["memtl"] = {
             "contents": "trainable weights only (+ optimizer/scheduler/loop state); to use them, rebuild the "
             "model from `config` (load the backbone, then memtl.apply_method(model, method.name, **options)), "
-            "strip the 'model.' prefix from the state_dict keys and load_state_dict(state_dict, strict=False); "
+            "strip the 'model.' prefix from the state_dict keys and load_state_dict(state_dict, strict=False) "
+            "(data.pair_encoding=siamese: into memtl.siamese.SiameseModel(apply_method(siamese_head(model), ...))); "
             "to resume training, rerun the same command into the same output folder",
             "trainable_keys": len(checkpoint["state_dict"]),
             "config": self.run_config,
