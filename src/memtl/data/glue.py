@@ -332,10 +332,8 @@ def tokenize_rows(rows, task: GlueTask, tokenizer, max_length: int, chunk: int =
                   pair_encoding: str = "cross"):
     """``cross``: one sequence per row (a sentence pair joined by the tokenizer, BERT's GLUE
     recipe); ``siamese``: each sentence of a pair tokenized on its own (a ``SiameseSplit``)."""
+    check_pair_encoding(pair_encoding, task)
     if pair_encoding == "siamese":
-        if len(task.text_keys) != 2:
-            raise ConfigError(f"data.pair_encoding=siamese needs a sentence-pair task; {task.name} has one "
-                              "sentence per example: set data.pair_encoding=cross")
         a, b = (tokenize_rows(rows, dataclasses.replace(task, text_keys=(k,)), tokenizer, max_length, chunk)
                 for k in task.text_keys)
         return SiameseSplit(a, b)
