@@ -103,6 +103,7 @@ CASES = [
     ("report", ["{d}/runs", "--scale", "x"], a_run, "argument --scale: invalid float value: 'x'", 2),
     ("report", ["{d}/runs", "--out", "{d}/file.txt/sub"], a_run,
      "cannot write the report to {d}/file.txt/sub: Not a directory", 2),
+    ("report", ["{d}/runs", "{d}/runs"], a_run, "2 folders given and no --out: say where the pooled report goes", 2),
     ("recon", ["--layers", "x"], None, "--layers takes integers or a comma list of them, got 'x'", 2),
     ("recon", ["--layers", "0"], None, "--layers must be >= 1", 2),
     ("recon", ["--variants", ""], None, "unknown variant (none) in --variants", 2),

@@ -108,6 +108,25 @@ def test_siamese_runs_are_their_own_configuration(sweep, tmp_path):
     assert chosen.loc["full", "n"] == 2 and chosen.loc["full", "configs_tried"] == 2
 
 
+def test_several_folders_pool_into_one_report(sweep, tmp_path, capsys):
+    """Two sweeps whose run folders share names (0, 1, ...) give the report of the union:
+    every run kept, named after its folder, the same choices as one folder holding all."""
+    parts = {name: tmp_path / name for name in ("sweep_a", "sweep_b")}
+    for i, run in enumerate(sorted(sweep.glob("*/results.json"))):
+        dest = parts["sweep_a" if i % 2 else "sweep_b"] / str(i // 2)
+        shutil.copytree(run.parent, dest)
+    runs, unreadable = load_runs(list(parts.values()))
+    assert len(runs) == 8 and not unreadable and runs["run"].is_unique
+    assert set(runs["run"].str.split("/").str[0]) == {"sweep_a", "sweep_b"}
+    pooled = build_tables(runs)["chosen"].set_index("label")[["lr", "n", "mean"]]
+    whole = build_tables(load_runs(sweep)[0])["chosen"].set_index("label")[["lr", "n", "mean"]]
+    pd.testing.assert_frame_equal(pooled.sort_index(), whole.sort_index())
+    assert main([*map(str, parts.values()), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert md.startswith(f"# Report: {parts['sweep_a']}, {parts['sweep_b']}") and "| full |" in md
+    assert len(pd.read_csv(tmp_path / "rep" / "runs.csv")) == 8
+
+
 def test_cli_writes_markdown_csv_json_and_pareto(sweep, tmp_path, capsys):
     # a run that broke is listed apart, never pooled
     broken = tmp_path / "runs"

@@ -2,9 +2,10 @@
 
     memtl report multirun/minilm_accuracy            # -> multirun/minilm_accuracy/report/
     memtl report multirun/2026-11-23_12-00-00 --out report --wandb
+    memtl report multirun/minilm_accuracy multirun/minilm_siamese --out report   # sweeps pooled
 
-Collects every ``results.json`` under a folder (recursively) and writes into ``--out``
-(default ``<folder>/report``):
+Collects every ``results.json`` under the folders (recursively) and writes into ``--out``
+(default ``<folder>/report``; required with several folders):
 
 * ``report.md``  - the table as papers show it: one row per method, one column per task,
   the best dev value of the task's main metric as mean ± std over seeds, for the best
@@ -45,17 +46,27 @@ def _get(d, *keys, default=None):
     return d
 
 
-def load_runs(root: Path) -> tuple[pd.DataFrame, list[dict]]:
-    """One row per ``results.json`` under ``root``; files that cannot be read come back
-    separately (path, error) so that nothing is dropped silently."""
+def _run_name(path: Path, root: Path, several: bool) -> str:
+    rel = str(path.parent.relative_to(root))
+    # pooled sweeps reuse run names (0, 1, ...): prefix each with its folder's name
+    return f"{root.name}/{rel}" if several else (rel or ".")
+
+
+def load_runs(roots: Path | list[Path]) -> tuple[pd.DataFrame, list[dict]]:
+    """One row per ``results.json`` under ``roots`` (one folder or several, pooled);
+    files that cannot be read come back separately (path, error) so that nothing is
+    dropped silently."""
+    roots = [roots] if isinstance(roots, Path) else list(roots)
+    several = len(roots) > 1
     rows, unreadable = [], []
-    for path in sorted(root.rglob("results.json")):
+    paths = [(path, root) for root in roots for path in sorted(root.rglob("results.json"))]
+    for path, root in paths:
         try:
             r = json.loads(path.read_text())
             cfg = r.get("config") or {}
             method_cfg = dict(cfg.get("method") or {})
         except (OSError, ValueError, AttributeError) as e:
-            unreadable.append({"run": str(path.parent.relative_to(root)), "error": str(e).splitlines()[0]})
+            unreadable.append({"run": _run_name(path, root, several), "error": str(e).splitlines()[0]})
             continue
         method = _get(r, "run", "method", default=method_cfg.get("name"))
         label = f"{method}+ckpt" if method_cfg.get("gradient_checkpointing") else method
@@ -64,7 +75,7 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, list[dict]]:
         options = {k: v for k, v in method_cfg.items() if k not in ("name", "lr") and v is not None}
         trainable, total = _get(r, "params", "trainable"), _get(r, "params", "total")
         rows.append({
-            "run": str(path.parent.relative_to(root)) or ".",
+            "run": _run_name(path, root, several),
             "status": r.get("status"),
             "label": label,
             "backbone": _get(r, "run", "backbone", default=_get(cfg, "backbone", "name")),
@@ -281,8 +292,10 @@ def plot_pareto(chosen: pd.DataFrame, path: Path, scale: float = 100.0,
     return path
 
 
-def write_report(root: Path, out: Path, scale: float = 100.0, min_seeds: int = 1) -> dict:
-    runs, unreadable = load_runs(root)
+def write_report(roots: Path | list[Path], out: Path, scale: float = 100.0, min_seeds: int = 1) -> dict:
+    roots = [roots] if isinstance(roots, Path) else list(roots)
+    root = ", ".join(map(str, roots))
+    runs, unreadable = load_runs(roots)
     if runs.empty and not unreadable:
         raise ConfigError(f"no results.json under {root}: point memtl report at a folder of runs "
                           "(e.g. multirun/<time> or outputs/)")
@@ -316,15 +329,16 @@ def write_report(root: Path, out: Path, scale: float = 100.0, min_seeds: int = 1
     (out / "report.md").write_text("\n".join(lines))
     runs.to_csv(out / "runs.csv", index=False)
     data = {k: v.to_dict(orient="records") if isinstance(v, pd.DataFrame) else v for k, v in tables.items()}
-    (out / "report.json").write_text(json.dumps({"root": str(root), "tables": data, "unreadable": unreadable},
+    (out / "report.json").write_text(json.dumps({"root": root, "tables": data, "unreadable": unreadable},
                                                 indent=2, default=str))
     return {"runs": runs, "tables": tables, "figure": figure, "out": out, "unreadable": unreadable}
 
 
-def log_to_wandb(report: dict, root: Path, project: str) -> None:
+def log_to_wandb(report: dict, roots: list[Path], project: str) -> None:
     import wandb
 
-    run = wandb.init(project=project, job_type="report", group=root.resolve().name, name=f"report-{root.name}",
+    name = "+".join(r.resolve().name for r in roots)
+    run = wandb.init(project=project, job_type="report", group=name, name=f"report-{name}",
                      dir=str(report["out"]), reinit="finish_previous")
     try:
         for key in ("scores", "memory"):
@@ -340,8 +354,9 @@ def log_to_wandb(report: dict, root: Path, project: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="memtl report", description=__doc__.split("\n")[0])
-    p.add_argument("folder", help="folder of runs (searched recursively for results.json)")
-    p.add_argument("--out", default=None, help="output folder (default: <folder>/report)")
+    p.add_argument("folder", nargs="+", help="folder(s) of runs (searched recursively for results.json); "
+                                              "several are pooled into one report")
+    p.add_argument("--out", default=None, help="output folder (default: <folder>/report; required with several)")
     p.add_argument("--scale", type=float, default=100.0, help="multiply metrics by this (100: percent)")
     p.add_argument("--min-seeds", type=int, default=1,
                    help="only configurations run with at least this many seeds compete for a method's row "
@@ -349,16 +364,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wandb", action="store_true", help="also log the tables and figure to a W&B run")
     p.add_argument("--project", default="memtl", help="W&B project for --wandb")
     args = p.parse_args(argv)
-    root = Path(args.folder)
-    if not root.is_dir():
-        print(f"error: {root} is not a folder: give the multirun/outputs folder holding the runs", file=sys.stderr)
+    roots = [Path(f) for f in args.folder]
+    for root in roots:
+        if not root.is_dir():
+            print(f"error: {root} is not a folder: give the multirun/outputs folder holding the runs", file=sys.stderr)
+            return 2
+    if len(roots) > 1 and not args.out:
+        print(f"error: {len(roots)} folders given and no --out: say where the pooled report goes, e.g. --out report",
+              file=sys.stderr)
         return 2
     if args.min_seeds < 1:
         print(f"error: --min-seeds {args.min_seeds}: must be >= 1", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else root / "report"
+    out = Path(args.out) if args.out else roots[0] / "report"
     try:
-        report = write_report(root, out, args.scale, args.min_seeds)
+        report = write_report(roots, out, args.scale, args.min_seeds)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -368,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print((out / "report.md").read_text())
     if args.wandb:
-        log_to_wandb(report, root, args.project)
+        log_to_wandb(report, roots, args.project)
     print(f"wrote {out / 'report.md'}, {out / 'runs.csv'}, {out / 'report.json'}"
           + (f", {report['figure']}" if report["figure"] else ""), file=sys.stderr)
     return 0
