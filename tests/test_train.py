@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,28 @@ def test_ladder_side_tuning_protocol_scores_the_test_split(glue_root, tmp_path):
     assert res["status"] == "completed"
     assert set(res["test"]) == {"accuracy", "f1"} and set(res["metrics"]) == {"accuracy", "f1"}
     assert read(tmp_path)["test"] == res["test"]
+
+
+def test_sherl_skip_gate_is_reported(glue_root, tmp_path):
+    """SHERL's skip-gate opening tanh(g/T) is logged at each evaluation and written to
+    results.json: 0 at init, the trained gate's value after training; other methods have none."""
+    from memtl.methods.sherl.side import SideModule
+    from memtl.run import build
+    overrides = ["backbone=tiny_bert", "method=sherl", "task=glue/rte", f"data.root={glue_root}", *SMOKE,
+                 "method.gate_temperature=0.5", "optim.lr=1e-2"]
+    trainer, module, datamodule, *_ = build(compose(overrides, tmp_path))
+    side = next(m for m in module.model.modules() if isinstance(m, SideModule))
+    assert module.diagnostics() == {"sherl_skip_gate": 0.0}
+    trainer.fit(module, datamodule=datamodule)
+    gate = math.tanh(side.gate.item() / 0.5)
+    assert gate != 0.0 and module.diagnostics()["sherl_skip_gate"] == pytest.approx(gate, rel=1e-6)
+    assert trainer.logged_metrics["sherl/skip_gate"].item() == pytest.approx(gate, rel=1e-6)
+    res = run(compose(overrides, tmp_path / "run"))
+    assert res["status"] == "completed" and -1 < res["diagnostics"]["sherl_skip_gate"] < 1
+    assert read(tmp_path / "run")["diagnostics"] == res["diagnostics"]
+    plain = run(compose(["backbone=tiny_bert", "method=lora", "task=glue/rte", f"data.root={glue_root}", *SMOKE],
+                        tmp_path / "lora"))
+    assert plain["status"] == "completed" and "diagnostics" not in plain
 
 
 def _wandb_records(run_file: Path) -> list:

@@ -75,6 +75,8 @@ class FineTuneModule(L.LightningModule):
             self.log(f"val/{k}", v, prog_bar=k == self.main_metric, sync_dist=True)
         if self.trainer.sanity_checking:
             return
+        for k, v in self.diagnostics().items():
+            self.log(k.replace("_", "/", 1), v, sync_dist=True)  # equal on every rank: a no-op
         after_fit = self.trainer.state.fn == "validate" and self.last_train_epoch is not None
         epoch = self.last_train_epoch if after_fit else self.current_epoch
         entry = {"epoch": epoch, "step": self.global_step, **values}
@@ -91,6 +93,14 @@ class FineTuneModule(L.LightningModule):
         log.info("epoch %d step %d: %s (best %s=%.4f at epoch %d)", epoch, self.global_step,
                  " ".join(f"{k}={v:.4f}" for k, v in values.items()), self.main_metric, self.best["value"],
                  self.best["epoch"])
+
+    def diagnostics(self) -> dict[str, float]:
+        """Method state worth watching beside the metrics (logged at each evaluation, the
+        final values in results.json): SHERL's skip-gate opening tanh(g/T)."""
+        from memtl.methods.sherl.side import SideModule
+
+        sides = [m for m in self.model.modules() if isinstance(m, SideModule)]
+        return {"sherl_skip_gate": sides[0].skip_gate()} if sides else {}
 
     # -- optimisation ------------------------------------------------------------------
     def configure_optimizers(self):

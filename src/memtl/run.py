@@ -191,6 +191,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                   if k not in ("epoch", "step")}
             results["history"] = module.history
             results["best"] = module.best
+            if module.diagnostics():
+                results["diagnostics"] = module.diagnostics()
             if module.test_results is not None:
                 results["test"] = module.test_results
         if monitor is not None:

@@ -31,6 +31,8 @@ Options:
   ``gated`` = the T5 variant's gated two-layer MLP ``x = relu(fc1 h)``,
   ``z = (fc2 x + x)·sigmoid(fc3 x)``.
 - ``gate_temperature``: T of the skip gate ``tanh(g/T)`` (authors: 0.1; g starts at 0).
+  Training logs the gate's opening as ``sherl/skip_gate`` at each evaluation, and
+  results.json keeps the final value (``diagnostics.sherl_skip_gate``).
 - ``late_tuning``: ``frozen`` (authors' default: the late layers stay frozen, gradients
   flow through them into the side module), ``lora`` (LoRA on their attention query/value,
   rank ``late_lora_r``, scale ``late_lora_alpha/late_lora_r``, B = 0 at init) or

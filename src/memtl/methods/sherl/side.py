@@ -172,6 +172,11 @@ class SideModule(nn.Module):
         # recompute each projection in backward, from its input h_i alone (gradient checkpointing)
         self.checkpoint_projections = False
 
+    def skip_gate(self) -> float:
+        """How open the skip from h_L is, tanh(g/T) in [-1, 1] (0 at init): how much of the
+        pre-trained deep feature the late layers see beside the side network's output."""
+        return float(torch.tanh(self.gate.detach().float() / self.temperature))
+
     def project(self, i: int, h: torch.Tensor) -> torch.Tensor:
         if self.checkpoint_projections and self.training and torch.is_grad_enabled():
             return checkpoint(self.projections[i], h, use_reentrant=False)
