@@ -441,10 +441,8 @@ class Net:
                             bwd_temp=q.numel * 4 + B * H * S * 4)
         if self.meft_cpu:  # memtl's path: q @ kᵀ on contiguous copies, scaled, softmax, MEFT's dropout, @ v
             q2, k2, v2 = self.copy(q), self.copy(k), self.copy(v)
-            p = self.scale(self.matmul(q2, k2, scores))
-            p = self.act(self.cast(p, 4) if self.amp else p, keeps="output")  # softmax runs in fp32 under autocast
-            p = self.dropout(p, meft=True)
-            return self.matmul(self.cast(p, 2) if self.amp else p, v2, q.numel)
+            p = self.act(self.scale(self.matmul(q2, k2, scores)), keeps="output")  # all in bf16 under CPU autocast
+            return self.matmul(self.dropout(p, meft=True), v2, q.numel)
         if self.amp:  # CPU autocast runs attention in fp32
             q, k, v = self.cast(q, 4), self.cast(k, 4), self.cast(v, 4)
         # math path: q, k each scaled by sqrt(scale) then made contiguous for bmm; v made contiguous
