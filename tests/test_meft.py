@@ -120,6 +120,9 @@ def test_cpu_dropout_draw_keeps_one_minus_p_and_the_expectation():
     torch.manual_seed(1)
     assert torch.equal(dropout(x, 0.1, True), y)
     assert dropout(x, 0.1, False) is x and torch.equal(dropout(x, 1.0, True), torch.zeros_like(x))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            dropout(x, bad, True)
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])

@@ -38,6 +38,8 @@ def drop_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """``F.dropout(x, p, training)`` with the cheaper CPU draw (see the module docstring)."""
+    if not 0.0 <= p <= 1.0:  # as F.dropout: a negative p would otherwise scale silently
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0.0 or x.device.type != "cpu":
         return F.dropout(x, p, training)
     if p >= 1.0:
