@@ -91,8 +91,20 @@ def test_registered_and_yaml_options_valid():
     cfg = yaml.safe_load((REPO / "conf" / "method" / "sherl.yaml").read_text())
     assert cfg.pop("name") == "sherl" and cfg.pop("lr") > 0
     opts = method_options("sherl", **cfg)
-    assert (opts.late_layers, opts.side_width, opts.projection, opts.gate_temperature, opts.late_tuning) == \
-        (1, None, "linear", 0.1, "frozen")
+    assert (opts.late_layers, opts.side_width, opts.projection, opts.gate_temperature, opts.gate_init,
+            opts.late_tuning) == (1, None, "linear", 0.1, 0.0, "frozen")
+
+
+@pytest.mark.parametrize("opening", [0.9, -0.5])
+def test_gate_init_sets_the_skip_opening_and_the_late_layers_see_h(opening):
+    """``gate_init`` starts tanh(g/T) there; the late layers then read side output + opening·h_{N-k}."""
+    torch.manual_seed(0)
+    model = tiny_model(gate_init=opening, gate_temperature=0.2)
+    enc = encoder_of(model).eval()
+    assert enc.side.skip_gate() == pytest.approx(opening, abs=1e-6)
+    features = enc.early_features(torch.randn(2, 5, HIDDEN))
+    closed = enc.side.combine([enc.side.project(i, h) for i, h in enumerate(features)], torch.zeros_like(features[-1]))
+    torch.testing.assert_close(enc.side(features) - closed, opening * features[-1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("options, key", [
@@ -103,6 +115,9 @@ def test_registered_and_yaml_options_valid():
     ({"projection": "mlp"}, "method.projection='mlp'"),
     ({"gate_temperature": 0}, "method.gate_temperature=0"),
     ({"gate_temperature": float("inf")}, "method.gate_temperature=inf"),
+    ({"gate_init": 1.0}, "method.gate_init=1.0"),
+    ({"gate_init": -1}, "method.gate_init=-1"),
+    ({"gate_init": "open"}, "method.gate_init=open"),
     ({"late_tuning": "prefix"}, "method.late_tuning='prefix'"),
     ({"late_lora_r": 0}, "method.late_lora_r=0"),
     ({"late_lora_alpha": -1}, "method.late_lora_alpha=-1"),

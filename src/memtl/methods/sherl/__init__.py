@@ -33,6 +33,10 @@ Options:
 - ``gate_temperature``: T of the skip gate ``tanh(g/T)`` (authors: 0.1; g starts at 0).
   Training logs the gate's opening as ``sherl/skip_gate`` at each evaluation, and
   results.json keeps the final value (``diagnostics.sherl_skip_gate``).
+- ``gate_init``: the gate's opening tanh(g/T) at init, in (-1, 1). 0 (closed) is DESIGN §2
+  and the authors' setting: the late layers start from the side network's output alone.
+  A value near 1 makes SHERL start from the pre-trained function plus the side output
+  (an experiment beside the paper's method, not SHERL as specified).
 - ``late_tuning``: ``frozen`` (authors' default: the late layers stay frozen, gradients
   flow through them into the side module), ``lora`` (LoRA on their attention query/value,
   rank ``late_lora_r``, scale ``late_lora_alpha/late_lora_r``, B = 0 at init) or
@@ -61,6 +65,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from memtl.errors import ConfigError
@@ -100,6 +105,7 @@ class SherlOptions:
     side_width: int | None = None  # None: hidden size / 2
     projection: str = "linear"
     gate_temperature: float = 0.1
+    gate_init: float = 0.0  # tanh(g/T) at init; 0 = closed (DESIGN §2)
     late_tuning: str = "frozen"
     late_lora_r: int = 8
     late_lora_alpha: float = 16
@@ -120,6 +126,9 @@ class SherlOptions:
                 or self.gate_temperature <= 0:
             raise ConfigError(f"method.gate_temperature={self.gate_temperature}: must be a finite number > 0 "
                               "(authors: 0.1)")
+        if not _is_number(self.gate_init) or not -1 < self.gate_init < 1:
+            raise ConfigError(f"method.gate_init={self.gate_init}: the skip gate's opening tanh(g/T) at init "
+                              "must be in (-1, 1); 0 = closed (DESIGN §2)")
         if self.late_tuning not in LATE_TUNING:
             raise ConfigError(f"method.late_tuning={self.late_tuning!r}: choose one of {', '.join(LATE_TUNING)}")
         if not _is_int(self.late_lora_r) or self.late_lora_r < 1:
@@ -155,6 +164,8 @@ def apply_sherl(model: nn.Module, opts: SherlOptions) -> nn.Module:
     dropout = hidden_dropout(model.config) if opts.dropout is None else opts.dropout
     backbone, side, late = install(model, opts.late_layers, opts.side_width, opts.projection, dropout,
                                    float(opts.gate_temperature), opts.gradient_checkpointing)
+    with torch.no_grad():  # g = T·atanh(opening): tanh(g/T) starts at gate_init
+        side.gate.fill_(float(opts.gate_temperature) * math.atanh(float(opts.gate_init)))
     side.requires_grad_(True)  # ... except the side module ...
     model_type = model.config.model_type
     for layer in late:  # ... the late-layer LoRA/adapters ...
