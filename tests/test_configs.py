@@ -100,7 +100,7 @@ def test_every_combination_of_a_sweep_resolves(sweep, tmp_path):
             cfg = composed[choice].copy()
             for kv in combo:
                 key, value = kv.split("=", 1)
-                if key in groups:  # method=meft1_decoder extends meft1: its name is meft1
+                if key in groups:
                     assert value.split("/")[-1].startswith(cfg[key].name), (key, value)
                 else:
                     assert OmegaConf.select(cfg, key, default="<missing>") != "<missing>", key

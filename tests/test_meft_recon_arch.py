@@ -2,9 +2,9 @@
 with projections, as OPT-350m) and LLaMA. Tiny random models from ``memtl gradcheck`` (BART 2+2
 layers, decoders 3 layers, hidden 32), padded batches, no downloads.
 
-float64 with dropout on: the inverse is exact up to rounding (and replays the forward's masks);
-float32: errors are real and grow from the top layer down; the monitor logs every stack and
-its bf16 -> float32 switch sets ``fp32_stack`` on all of them.
+The exact inverse (default) reconstructs bit for bit; under the float inverse, float64 with
+dropout on is exact up to rounding (and replays the forward's masks) and float32 errors are
+real and grow from the top layer down; the monitor logs every stack.
 """
 from __future__ import annotations
 
@@ -47,12 +47,13 @@ def per_stack(report) -> dict:
     return out
 
 
+@pytest.mark.parametrize("inverse", ["exact", "float"])
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_float64_reconstruction_is_exact_on_every_stack(arch, variant):
+def test_float64_reconstruction_is_exact_on_every_stack(arch, variant, inverse):
     # the bottom 2 layers reversible (decoders: of 3; BART: all of each stack); dropout on, train
     # mode: the inverse must replay the forward's masks
-    model = tiny_model(arch, variant, dropout=0.1, adapter_dropout=0.1, num_rev_layers=2)
+    model = tiny_model(arch, variant, dropout=0.1, adapter_dropout=0.1, num_rev_layers=2, inverse=inverse)
     batch = batch_for(arch)
     rng = torch.get_rng_state()
     report = reconstruction_report(model, batch)
@@ -65,12 +66,14 @@ def test_float64_reconstruction_is_exact_on_every_stack(arch, variant):
     # multiplies the 1/(lam*beta) = 100 each MEFT3 inverse costs
     tol = 1e-8 if (arch, variant) == ("opt-350m", "meft3") else 1e-10
     assert all(0 <= r["max_abs"] < tol and 0 <= r["rel"] < tol for r in report)
+    if inverse == "exact":
+        assert all(r["max_abs"] == 0 for r in report)
     assert all(s.recorded is None for s in meft_stacks(model))  # nothing kept after the measurement
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_float32_errors_grow_going_down(arch):
-    model = tiny_model(arch, "meft1", dropout=0.0, lam=0.05)
+def test_float32_errors_of_the_float_inverse_grow_going_down(arch):
+    model = tiny_model(arch, "meft1", dropout=0.0, lam=0.05, inverse="float")
     batch = batch_for(arch)
     err64 = reconstruction_errors(model, batch)
     report = reconstruction_report(model.float(), batch)
@@ -103,57 +106,27 @@ def test_bart_decoder_is_measured_on_the_encoder_output_and_num_rev_per_stack():
 
 
 @pytest.mark.parametrize("arch", ["bart", "opt", "llama"])
-def test_anchor_every_restarts_reconstruction_on_every_stack(arch):
-    model = tiny_model(arch, "meft3", dropout=0.0).float()
-    batch = batch_for(arch)
-    chained = reconstruction_report(model, batch)
-    for s in meft_stacks(model):
-        s.anchor_every = 1
-    anchored = reconstruction_report(model, batch)
-    # every layer is inverted from exact outputs: its error is one layer's, not the chain's
-    assert max(r["rel"] for r in anchored) < 1e-2 * max(r["rel"] for r in chained)
-
-
-@pytest.mark.parametrize("arch", ["bart", "opt", "llama"])
-def test_bf16_monitor_logs_every_stack_and_switches_all_to_float32(arch):
+def test_bf16_monitor_logs_every_stack(arch):
     model = tiny_model(arch, "meft3", dropout=0.0).float()
     batch = batch_for(arch)
     module = LogRecorder(model)
     trainer = SimpleNamespace(global_step=4, precision="bf16-mixed",
                               precision_plugin=SimpleNamespace(
                                   forward_context=lambda: torch.autocast("cpu", dtype=torch.bfloat16)))
-    monitor = ReconstructionErrorMonitor(every_n_steps=2, threshold=1e-3, on_threshold="fp32")
-    with pytest.warns(RuntimeWarning, match="now runs in float32"):
-        monitor.on_train_batch_end(trainer, module, None, batch, 0)
-    bf16_err = module.logged["meft/recon_err_rel_max"]
+    monitor = ReconstructionErrorMonitor(every_n_steps=2, threshold=1e-3)
+    monitor.on_train_batch_end(trainer, module, None, batch, 0)  # exact: nothing to warn about
     layers = [f"layer_{i}" for i in range(len(stack_layers(meft_stacks(model)[0])))]
     keys = ([f"meft/recon_err/{s}/{x}" for s in ("encoder", "decoder") for x in layers] if arch == "bart"
             else [f"meft/recon_err/{x}" for x in layers])
     assert set(keys) <= module.logged.keys(), sorted(module.logged)
-    assert module.logged["meft/fp32_stack"] == 0.0  # logged before the switch
-    assert all(s.fp32_stack for s in meft_stacks(model)) and monitor.switched_at == 4
+    assert all(module.logged[k] == 0.0 for k in keys) and module.logged["meft/recon_err_rel_max"] == 0.0
+    for s in meft_stacks(model):
+        s.inverse = "float"
     trainer.global_step = 6
-    monitor.on_train_batch_end(trainer, module, None, batch, 0)  # measured again, now in float32
-    print(arch, f"bf16 {bf16_err:.2e} -> float32 stack {module.logged['meft/recon_err_rel_max']:.2e}")
-    assert module.logged["meft/fp32_stack"] == 1.0
-    # measured: BART 3.7e-3 -> 4.6e-4, OPT 42 -> 0.12, LLaMA 14 -> 0.10 (3 pre-LN MEFT3 layers are hard)
-    assert module.logged["meft/recon_err_rel_max"] < 0.25 * bf16_err
-    # training under bf16 autocast still works, every stack on float32 streams
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(**batch)
-    out.loss.backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
-
-
-def test_monitor_without_autocast_only_warns():
-    model = tiny_model("bart", "meft1", dropout=0.0).float()
-    module = LogRecorder(model)
-    trainer = SimpleNamespace(global_step=3, precision="32-true")
-    with pytest.warns(RuntimeWarning, match="gradients are inexact"):
-        ReconstructionErrorMonitor(every_n_steps=1, threshold=0.0, on_threshold="fp32").on_train_batch_end(
-            trainer, module, None, batch_for("bart"), 0)
-    assert not any(s.fp32_stack for s in meft_stacks(model))  # no bf16 run: nothing to switch
+    with pytest.warns(RuntimeWarning, match="use method.inverse=exact"):
+        monitor.on_train_batch_end(trainer, module, None, batch, 0)
+    print(arch, f"bf16, float inverse: {module.logged['meft/recon_err_rel_max']:.2e}")
+    assert module.logged["meft/recon_err_rel_max"] > 1e-3
 
 
 def test_monitor_on_a_model_without_meft_says_so():
@@ -199,9 +172,13 @@ def test_recon_command_on_other_architectures(geometry, tmp_path, capsys):
                  "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
     stacks = ["encoder", "decoder"] if geometry == "tiny-bart" else [None]
-    assert [(r["geometry"], r.get("stack"), r["layers"]) for r in rows] == [(geometry, s, 2) for s in stacks]
+    assert [(r["geometry"], r.get("stack"), r["layers"]) for r in rows] == [(geometry, s, 2) for s in stacks] * 2
+    assert [r["inverse"] for r in rows] == ["exact"] * len(stacks) + ["float"] * len(stacks)
     for r in rows:
-        assert 0 < r["top_rel"] <= r["worst_rel"] and r["bottom_rel"] <= r["worst_rel"] < 1e-3
+        if r["inverse"] == "exact":
+            assert r["top_rel"] == r["bottom_rel"] == r["worst_rel"] == 0
+        else:
+            assert 0 < r["top_rel"] <= r["worst_rel"] and r["bottom_rel"] <= r["worst_rel"] < 1e-3
     printed = capsys.readouterr().out
     assert (f"{geometry}/decoder" if geometry == "tiny-bart" else geometry) in printed
 
@@ -216,7 +193,7 @@ def test_recon_command_rejects_an_unknown_geometry(capsys):
 @pytest.mark.parametrize("backbone", ["tiny_bart", "tiny_llama"])
 def test_monitor_in_a_real_bf16_qa_run(backbone, tmp_path):
     """train.py's path (Lightning Trainer, bf16-mixed, QA through the multiple-choice scorer): every
-    stack logged per layer, the switch at the first measured step, float32 stacks from then on."""
+    stack logged per layer at every measured step, and the exact inverse's error is 0."""
     import csv
 
     from conftest import compose
@@ -228,12 +205,12 @@ def test_monitor_in_a_real_bf16_qa_run(backbone, tmp_path):
                        "data.batch_size=4", "logger=csv", "trainer.enable_progress_bar=false",
                        "trainer.precision=bf16-mixed", "trainer.log_every_n_steps=1",
                        "callbacks=[default,meft_recon]", "callbacks.meft_recon.every_n_steps=1",
-                       "callbacks.meft_recon.threshold=1e-12", "callbacks.meft_recon.on_threshold=fp32",
+                       "callbacks.meft_recon.threshold=1e-12",
                        "callbacks.memory.measure_batches=[1]", "callbacks.memory.timing_warmup=1"], tmp_path))
     assert res["status"] == "completed"
-    rows = [r for r in csv.DictReader((tmp_path / "csv" / "metrics.csv").open()) if r.get("meft/fp32_stack")]
-    assert [float(r["meft/fp32_stack"]) for r in rows] == [0.0, 1.0, 1.0]
+    rows = [r for r in csv.DictReader((tmp_path / "csv" / "metrics.csv").open()) if r.get("meft/recon_err_max")]
+    assert len(rows) == 3
     stacks = ["encoder/", "decoder/"] if backbone == "tiny_bart" else [""]
     for r in rows:
-        assert all(float(r[f"meft/recon_err/{s}layer_{i}"]) >= 0 for s in stacks for i in range(2))
-        assert 0 < float(r["meft/recon_err_rel_max"]) < 1e-3
+        assert all(float(r[f"meft/recon_err/{s}layer_{i}"]) == 0 for s in stacks for i in range(2))
+        assert float(r["meft/recon_err_rel_max"]) == 0

@@ -35,10 +35,10 @@ METHOD_SPECS = {
     "meft1": ("meft1", {}),
     "meft2": ("meft2", {}),
     "meft3": ("meft3", {}),
-    # exact streams kept every 2 layers: fp32-accurate gradients for a little memory
-    "meft1+anchor2": ("meft1", {"anchor_every": 2}),
-    "meft2+anchor2": ("meft2", {"anchor_every": 2}),
-    "meft3+anchor2": ("meft3", {"anchor_every": 2}),
+    # the paper's float inverse (the default is the exact, fixed-point one)
+    "meft1+float": ("meft1", {"inverse": "float"}),
+    "meft2+float": ("meft2", {"inverse": "float"}),
+    "meft3+float": ("meft3", {"inverse": "float"}),
     "sherl": ("sherl", {}),
     "sherl+ckpt": ("sherl", {"gradient_checkpointing": True}),
     "head": ("head", {}),  # linear probe: only the task head trains

@@ -150,12 +150,15 @@ class Method:
     bottleneck: int = 8  # MEFT adapters
     late_layers: int = 1  # SHERL k
     side_width: int | None = None  # SHERL d' (None: hidden/2)
+    inverse: str = "exact"  # MEFT: exact (fixed-point streams) | float
 
 
 METHODS = {
     "full": Method("full"), "lora": Method("lora"), "full+ckpt": Method("full", ckpt=True),
     "lora+ckpt": Method("lora", ckpt=True), "meft1": Method("meft1"), "meft2": Method("meft2"),
-    "meft3": Method("meft3"), "sherl": Method("sherl"), "sherl+ckpt": Method("sherl", ckpt=True),
+    "meft3": Method("meft3"), "meft1+float": Method("meft1", inverse="float"),
+    "meft2+float": Method("meft2", inverse="float"), "meft3+float": Method("meft3", inverse="float"),
+    "sherl": Method("sherl"), "sherl+ckpt": Method("sherl", ckpt=True),
 }
 
 
@@ -573,10 +576,17 @@ def _sherl_encoder(net: Net, g: Geometry, m: Method, h0: T, B: int, S: int) -> T
 
 def _simulate_meft(g: Geometry, m: Method, B: int, S: int, amp: bool, cuda: bool) -> int:
     """The reversible stack (memtl.methods.meft.engine): forward without a graph keeping
-    the two streams; backward recomputes G then F of one layer at a time with grad."""
+    the two streams; backward recomputes G then F of one layer at a time with grad.
+    Exact inverse: int64 streams, F and G read a float32 view of them, and the remainders
+    of the λ/β scalings (packed, ``RemainderStack``) are held from the forward's end."""
+    from memtl.methods.meft.engine import RemainderStack, as_fraction
+
     d, r, n = g.hidden, m.bottleneck, B * S * g.hidden
     variant = m.name
+    exact = m.inverse == "exact"
     lam, beta = {"meft1": (0.1, 1.0), "meft2": (1.0, 0.1), "meft3": (0.1, 0.1)}[variant]
+    radices = [q for f in (lam, beta) if (q := as_fraction(f)[1]) != 1] * g.layers
+    remainder_bytes = RemainderStack(radices).bytes_per_element * B * S * d
 
     def block(which: str, x: T) -> tuple[list[Op], T]:
         net = Net(amp, cuda, meft=True)
@@ -592,44 +602,69 @@ def _simulate_meft(g: Geometry, m: Method, B: int, S: int, amp: bool, cuda: bool
 
     f_kind, g_kind = {"meft1": ("layer", "adapter"), "meft2": ("adapter", "layer"), "meft3": ("attn", "ffn")}[variant]
     mem = Mem()
-    bpe = 4
+    sb = 8 if exact else 4  # bytes per stream element: int64 fixed point, or float32
     emb = Net(amp, cuda)
     h0 = emb.embeddings(g, B, S, train=False)
     forward(mem, emb.ops, keep=[h0])  # frozen: nothing saved
 
-    def run(kind: str, x: T, grad: bool) -> tuple[list[Op], T]:
-        ops, y = block(kind, x)
-        x.refs += 1  # the caller's reference
-        forward(mem, ops, grad=grad, keep=[y])
-        x.refs -= 1
-        return ops, y
-
-    def new(k: int = 1) -> T:
+    def new(k: int = 1, bpe: int = sb) -> T:
         t = T(n, bpe)
         t.refs = k
         mem.alloc(t.nbytes)
         return t
 
+    def view(x: T) -> T:  # what F and G read: the stream itself, or its float32 view
+        if not exact:
+            x.refs += 1
+            return x
+        return new(bpe=4)
+
+    def run(kind: str, x: T, grad: bool) -> tuple[list[Op], T, T]:
+        v = view(x)
+        if grad:  # the recompute's input is a leaf that requires grad
+            _requires_grad(v)
+        ops, y = block(kind, v)
+        forward(mem, ops, grad=grad, keep=[y])
+        if not grad:
+            _unref(mem, v)
+        return ops, y, v
+
+    def combine(out: T) -> T:
+        """scaled_add / unscaled_sub: the encoded F/G output becomes the new stream; the
+        float path makes one temporary, the exact one a float and an int64 one."""
+        tmp = new(bpe=4) if exact else new()
+        y = new()
+        _unref(mem, tmp)
+        if exact:
+            _unref(mem, new())
+        _unref(mem, out)
+        return y
+
     # forward, no graph: y1 = lam*x1 + F(x2); y2 = beta*x2 + G(y1)
-    x1 = x2 = h0
-    h0.refs = 3  # held by the encoder's frame and as both streams
+    if exact:
+        x1 = x2 = new(k=2)  # encode(h0)
+    else:
+        x1 = x2 = h0
+        h0.refs = 3  # held by the encoder's frame and as both streams
     for _ in range(g.layers):
-        _, f = run(f_kind, x2, grad=False)
-        tmp = new()
-        y1 = new()
-        _unref(mem, tmp)
-        _unref(mem, f)
-        _, gg = run(g_kind, y1, grad=False)
-        tmp = new()
-        y2 = new()
-        _unref(mem, tmp)
-        _unref(mem, gg)
+        _, f, _ = run(f_kind, x2, grad=False)
+        y1 = combine(f)
+        _, gg, _ = run(g_kind, y1, grad=False)
+        y2 = combine(gg)
         _unref(mem, x1)
         _unref(mem, x2)
         x1, x2 = (y2, y1) if variant != "meft3" else (y1, y2)
+    if exact:
+        mem.alloc(remainder_bytes)
     _unref(mem, h0)
-    x1.refs += 1  # ctx.save_for_backward keeps the final streams for the whole backward
-    x2.refs += 1
+    # ctx keeps the final streams until the backward starts; the caller gets them (float)
+    # or their float32 views (exact)
+    o1, o2 = x1, x2
+    if exact:
+        x1, x2 = new(bpe=4), new(bpe=4)
+    else:
+        x1.refs += 1
+        x2.refs += 1
     # (x1 + x2) / 2 -> head, with autograd
     head = Net(amp, cuda)
     hsum = head.add(x1, x2)
@@ -643,47 +678,42 @@ def _simulate_meft(g: Geometry, m: Method, B: int, S: int, amp: bool, cuda: bool
     mem.alloc(loss.nbytes)
     backward(mem, head.ops, grads)
     # the grad of the averaged streams reaches both streams as one buffer
-    do1 = do2 = new(2)
-    o1, o2 = x1, x2
-    o1.refs += 1
-    o2.refs += 1
+    do1 = do2 = new(2, bpe=4)
     gy1 = gx2 = None  # the engine's locals keep the previous layer's until rebound
     for i in range(g.layers):
         y1, y2, dy1, dy2 = (o2, o1, do2, do1) if variant != "meft3" else (o1, o2, do1, do2)
         # 1. G(y1) with grad, backprop dy2
-        ops, gy = run(g_kind, _requires_grad(y1), grad=True)
+        ops, gy, v = run(g_kind, y1, grad=True)
         gr = {gy: G(dy2.nbytes, refs=2)}
         backward(mem, ops, gr)
         if gy1 is not None:
             _unref(mem, gy1)
-        gy1 = gr.pop(y1, None)
+        gy1 = gr.pop(v, None)
+        _unref(mem, v)
         if gy1 is not None:  # dy1 = dy1 + gy1
-            ndy1 = new()
+            ndy1 = new(bpe=4)
             _unref(mem, dy1)
             dy1 = ndy1
         # 2. x2 = (y2 - g) / beta
-        tmp = new()
-        x2 = new()
-        _unref(mem, tmp)
-        _unref(mem, gy)
+        x2 = combine(gy)
+        _unref(mem, y2)
         # 3. F(x2) with grad, backprop dy1
-        ops, f = run(f_kind, _requires_grad(x2), grad=True)
+        ops, f, v = run(f_kind, x2, grad=True)
         gr = {f: G(dy1.nbytes, refs=2)}
         backward(mem, ops, gr)
         if gx2 is not None:
             _unref(mem, gx2)
-        gx2 = gr.pop(x2, None)
+        gx2 = gr.pop(v, None)
+        _unref(mem, v)
         # 4. x1 = (y1 - f) / lam
-        tmp = new()
-        x1 = new()
-        _unref(mem, tmp)
-        _unref(mem, f)
+        x1 = combine(f)
+        _unref(mem, y1)
         # 5. dx1 = lam*dy1, dx2 = beta*dy2 + gx2
-        dx1 = new()
-        tmp = new()
-        dx2 = new()
+        dx1 = new(bpe=4)
+        tmp = new(bpe=4)
+        dx2 = new(bpe=4)
         _unref(mem, tmp)
-        for t in (o1, o2, dy1, dy2):
+        for t in (dy1, dy2):
             _unref(mem, t)
         o1, o2, do1, do2 = x1, x2, dx1, dx2
     return mem.peak

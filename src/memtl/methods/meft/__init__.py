@@ -28,14 +28,11 @@ Options (shared by the three names; ``None`` picks the variant's default):
   0 = plain autograd through the same maths (the correctness oracle). Encoder-decoder
   models (BART): the first k layers of each stack.
 - ``lam``/``beta``: the stream scales; defaults MEFT1 0.1/1, MEFT2 1/0.1, MEFT3 0.1/0.1.
-- ``stream_dtype``: keep the two streams in this dtype (``float64``) while F and G compute
-  in the model's dtype; ``None`` = the model's dtype (the paper). The inverse divides by
-  λ/β at every layer, so stream rounding errors grow ~1/λ per layer going down; wider
-  streams make the reversible gradients closer to exact for 2× the (depth-independent)
-  stream memory. Check with ``diagnostics.reconstruction_errors``.
-- ``anchor_every``: keep the exact streams every k reversible layers (each segment of k
-  layers is its own reversible Function), so reconstruction error grows over k layers,
-  not the whole depth, for two streams of memory per segment; ``None`` = never (the paper).
+- ``inverse``: how the backward reconstructs each layer's inputs. ``exact`` (default):
+  fixed-point streams, bit-exact at any depth and precision (DESIGN §1.7), for int64
+  streams and log2(q) bits per element per λ = p/q ≠ 1 and layer; λ and β must then be
+  rationals p/q with q <= 65536. ``float``: the paper's division in the model's dtype,
+  whose rounding error grows ~1/λ per layer going down (``memtl recon``).
 - ``gradient_checkpointing``: must stay false (the reversible backward already recomputes).
 """
 from __future__ import annotations
@@ -43,7 +40,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
 
 from memtl.errors import ConfigError
@@ -51,15 +47,14 @@ from memtl.methods import architecture_installer, register_method
 from memtl.methods.bert_family import unfreeze_head
 from memtl.methods.meft.adapters import ACTIVATIONS, VARIANTS, Adapter
 from memtl.methods.meft.bert import MeftEncoder
+from memtl.methods.meft.engine import INVERSES, MAX_DENOMINATOR, as_fraction
 
 __all__ = ["MeftOptions", "MeftEncoder", "apply_meft", "VARIANTS", "meft_stacks", "stack_layers"]
 
 
-STREAM_DTYPES = {None: None, "float32": torch.float32, "float64": torch.float64}
-
 # model_type -> the module of this package that installs MEFT in that architecture; each
 # has ``install(model, variant, lam, beta, num_rev_layers, bottleneck, activation, dropout,
-# adapter_layernorm, stream_dtype, anchor_every) -> backbone``
+# adapter_layernorm, inverse) -> backbone``
 ARCHITECTURES = {
     "bert": "bert",
     "roberta": "bert",
@@ -71,7 +66,7 @@ ARCHITECTURES = {
 
 def meft_stacks(model: nn.Module) -> list[nn.Module]:
     """The reversible stacks of a MEFT model, in forward order (BART: encoder, decoder).
-    Each has ``num_rev_layers``, ``stream_dtype``, ``anchor_every`` and ``fp32_stack``."""
+    Each has ``num_rev_layers`` and ``inverse``."""
     from memtl.methods.meft.bart import MeftBartDecoder, MeftBartEncoder
     from memtl.methods.meft.decoder import MeftDecoderStack
 
@@ -97,8 +92,7 @@ class MeftOptions:
     num_rev_layers: int | None = None  # None: all layers
     lam: float | None = None  # None: the variant's default
     beta: float | None = None
-    stream_dtype: str | None = None  # None: the model's dtype; "float64": more exact inverse
-    anchor_every: int | None = None  # None: one reversible segment (paper); k: exact streams kept every k layers
+    inverse: str = "exact"  # exact: fixed-point streams (DESIGN §1.7); float: the paper's division
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
@@ -122,14 +116,9 @@ class MeftOptions:
             if not _is_number(value) or not math.isfinite(value) or value == 0:
                 raise ConfigError(f"method.{key}={value}: must be a finite non-zero number "
                                   f"(the inverse divides by it), or null for the variant's default")
-        if self.stream_dtype not in STREAM_DTYPES:
-            raise ConfigError(f"method.stream_dtype={self.stream_dtype!r}: choose float32 or float64, "
-                              "or null for the model's dtype")
-        if self.anchor_every is not None and (
-            not isinstance(self.anchor_every, int) or isinstance(self.anchor_every, bool) or self.anchor_every < 1
-        ):
-            raise ConfigError(f"method.anchor_every={self.anchor_every}: must be an integer >= 1 (keep the exact "
-                              "streams every k reversible layers), or null for never")
+        if self.inverse not in INVERSES:
+            raise ConfigError(f"method.inverse={self.inverse!r}: choose exact (fixed-point streams, bit-exact at any "
+                              "depth) or float (the paper's division)")
         if self.gradient_checkpointing:
             raise ConfigError("method.gradient_checkpointing=true: MEFT's reversible backward already recomputes "
                               "activations and cannot be combined with checkpointing; set it to false")
@@ -143,12 +132,19 @@ def apply_meft(model: nn.Module, opts: MeftOptions, variant: str) -> nn.Module:
                           "LayerNorm in; set it to false (it applies to meft1/meft2)")
     lam = v.lam if opts.lam is None else float(opts.lam)
     beta = v.beta if opts.beta is None else float(opts.beta)
+    if opts.inverse == "exact":
+        for key, value in (("lam", lam), ("beta", beta)):
+            try:
+                as_fraction(value)
+            except ConfigError:
+                raise ConfigError(f"method.{key}={value}: the exact inverse needs a rational p/q with |p|, q <= "
+                                  f"{MAX_DENOMINATOR} (e.g. 0.1, 0.01, 0.25); choose one, or method.inverse=float") \
+                    from None
 
     model.requires_grad_(False)  # everything pre-trained is frozen ...
     install = architecture_installer(model, __name__, ARCHITECTURES, variant)
     backbone = install(model, v, lam, beta, opts.num_rev_layers, opts.bottleneck, opts.adapter_activation,
-                       opts.adapter_dropout, opts.adapter_layernorm, STREAM_DTYPES[opts.stream_dtype],
-                       opts.anchor_every)
+                       opts.adapter_dropout, opts.adapter_layernorm, opts.inverse)
     for m in model.modules():  # ... except the adapters ...
         if isinstance(m, Adapter):
             m.requires_grad_(True)

@@ -39,9 +39,8 @@ as under plain autograd.
 
 ``num_rev_layers = k`` applies to each stack: the first k encoder layers and the first k
 decoder layers use the reversible backward (a stack with fewer than k layers: all of
-it); k may be at most the larger stack's depth. ``anchor_every``, ``stream_dtype`` and
-``fp32_stack`` (float32 stack under bf16 autocast, set by the reconstruction monitor)
-apply to each stack alike; both stacks expose them for experiments.
+it); k may be at most the larger stack's depth. ``inverse`` (exact | float) applies to
+both stacks alike; both expose it and ``num_rev_layers`` for experiments.
 Adapter dropout defaults to BART's ``config.dropout``.
 
 Not supported: KV caches (generation needs ``use_cache=False``), LayerDrop (never applied),
@@ -49,8 +48,6 @@ Not supported: KV caches (generation needs ``use_cache=False``), LayerDrop (neve
 nothing is recorded), the decoder-only ``BartForCausalLM``.
 """
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import torch.nn as nn
@@ -61,7 +58,7 @@ from transformers.models.bart.modeling_bart import BartModel
 
 from memtl.errors import ConfigError
 from memtl.methods.meft.adapters import Adapter, MeftLayer, Variant
-from memtl.methods.meft.engine import reversible_stack
+from memtl.methods.meft.engine import run_stack
 
 
 class BartMeftLayer(MeftLayer):
@@ -117,8 +114,7 @@ class _MeftBartStack(nn.Module):
     """What the encoder and decoder share: the HF embedding modules, the MEFT layers, and
     the two-stream run (both streams from the embedding output, averaged at the end)."""
 
-    def __init__(self, hf_stack: nn.Module, layers: list[BartMeftLayer], num_rev_layers: int,
-                 stream_dtype: torch.dtype | None, anchor_every: int | None):
+    def __init__(self, hf_stack: nn.Module, layers: list[BartMeftLayer], num_rev_layers: int, inverse: str):
         super().__init__()
         self.config = hf_stack.config
         self.dropout = hf_stack.dropout
@@ -128,28 +124,16 @@ class _MeftBartStack(nn.Module):
         self.layers = nn.ModuleList(layers)
         # public: tests and experiments may switch these (num_rev_layers=0: plain autograd, same maths)
         self.num_rev_layers = num_rev_layers
-        self.stream_dtype = stream_dtype
-        self.anchor_every = anchor_every
-        self.fp32_stack = False  # float32 stack under bf16 autocast (see MeftEncoder)
+        self.inverse = inverse
 
-    recorded: list | None = None  # diagnostics.py: (stack input, context) of each forward (see MeftEncoder)
+    recorded: list | None = None  # see engine.run_stack
 
     def embed(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.layernorm_embedding(inputs_embeds + positions.to(inputs_embeds.device))
         return F.dropout(h, p=self.dropout, training=self.training)
 
     def run(self, h: torch.Tensor, context: tuple) -> torch.Tensor:
-        with self.precision_context(h):
-            h0 = h.float() if self.fp32_stack else h
-            if self.recorded is not None:
-                self.recorded.append((h0, context))
-            x1, x2 = reversible_stack(h0, h0, self.layers, context, num_rev=self.num_rev_layers,
-                                      stream_dtype=self.stream_dtype, anchor_every=self.anchor_every)
-        return ((x1 + x2) / 2).to(h.dtype)  # back to the model's dtype for what follows
-
-    def precision_context(self, x: torch.Tensor):
-        """autocast off for the stack when ``fp32_stack`` is set, else nothing."""
-        return torch.autocast(x.device.type, enabled=False) if self.fp32_stack else contextlib.nullcontext()
+        return run_stack(self, h, self.layers, context, self.label)
 
 
 def _check_ids(input_ids, inputs_embeds, what: str) -> None:
@@ -159,6 +143,8 @@ def _check_ids(input_ids, inputs_embeds, what: str) -> None:
 
 class MeftBartEncoder(_MeftBartStack):
     """Drop-in for ``BartEncoder`` (same call signature and output)."""
+
+    label = "encoder"
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs) -> BaseModelOutput:
         _check_ids(input_ids, inputs_embeds, "")
@@ -172,6 +158,8 @@ class MeftBartEncoder(_MeftBartStack):
 
 class MeftBartDecoder(_MeftBartStack):
     """Drop-in for ``BartDecoder`` (same call signature and output), without KV cache."""
+
+    label = "decoder"
 
     def forward(self, input_ids=None, attention_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, past_key_values=None, inputs_embeds=None, use_cache=None,
@@ -202,7 +190,7 @@ class MeftBartDecoder(_MeftBartStack):
 
 def install(model: nn.Module, variant: Variant, lam: float, beta: float, num_rev_layers: int | None,
             bottleneck: int, activation: str, dropout: float | None, adapter_layernorm: bool,
-            stream_dtype: torch.dtype | None = None, anchor_every: int | None = None) -> nn.Module:
+            inverse: str = "exact") -> nn.Module:
     """Swap the encoder and decoder of a BART model for MEFT stacks; returns the ``BartModel``."""
     backbone = model if isinstance(model, BartModel) else getattr(model, "model", None)
     if not isinstance(backbone, BartModel):
@@ -233,8 +221,6 @@ def install(model: nn.Module, variant: Variant, lam: float, beta: float, num_rev
     def rev(n):  # the first k layers of each stack; a shallower stack: all of it
         return n if num_rev_layers is None else min(num_rev_layers, n)
 
-    backbone.encoder = MeftBartEncoder(backbone.encoder, convert(enc_layers), rev(len(enc_layers)),
-                                       stream_dtype, anchor_every)
-    backbone.decoder = MeftBartDecoder(backbone.decoder, convert(dec_layers), rev(len(dec_layers)),
-                                       stream_dtype, anchor_every)
+    backbone.encoder = MeftBartEncoder(backbone.encoder, convert(enc_layers), rev(len(enc_layers)), inverse)
+    backbone.decoder = MeftBartDecoder(backbone.decoder, convert(dec_layers), rev(len(dec_layers)), inverse)
     return backbone

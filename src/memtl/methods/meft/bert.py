@@ -14,8 +14,6 @@ except in training on CPU, where the layers run their own attention (``self_atte
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn as nn
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
@@ -24,7 +22,7 @@ from memtl.errors import ConfigError
 from memtl.methods.bert_family import encoder_layers
 from memtl.methods.meft.adapters import Adapter, MeftLayer, Variant
 from memtl.methods.meft.dropout import dropout
-from memtl.methods.meft.engine import reversible_stack
+from memtl.methods.meft.engine import run_stack
 
 
 def self_attention(sa: nn.Module, x: torch.Tensor, mask=None) -> torch.Tensor:
@@ -87,45 +85,26 @@ class MeftEncoder(nn.Module):
     """Drop-in for ``BertEncoder``: two streams from the embedding output, reversible
     stack, then the streams' average feeds the rest of the model (pooler, head)."""
 
-    def __init__(self, layers: list[BertMeftLayer], num_rev_layers: int, stream_dtype: torch.dtype | None = None,
-                 anchor_every: int | None = None):
+    def __init__(self, layers: list[BertMeftLayer], num_rev_layers: int, inverse: str = "exact"):
         super().__init__()
         self.layer = nn.ModuleList(layers)
         # public: tests and experiments may switch these (num_rev_layers=0: plain autograd, same maths)
         self.num_rev_layers = num_rev_layers
-        self.stream_dtype = stream_dtype
-        self.anchor_every = anchor_every
-        # set by ReconstructionErrorMonitor(on_threshold="fp32"): run the whole reversible
-        # stack in float32 under bf16 autocast (forward and recompute alike, so the inverse
-        # stays consistent); the rest of the model keeps the autocast precision
-        self.fp32_stack = False
+        self.inverse = inverse
 
-    # diagnostics.py sets a list here for one forward; the stack appends what it runs on
-    # (input hidden states, context), so the reconstruction can be measured without redoing the forward
-    recorded: list | None = None
+    recorded: list | None = None  # see engine.run_stack
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, past_key_values=None, use_cache=None, **kwargs):
         if encoder_hidden_states is not None:
             raise ValueError("MEFT encoder: cross-attention (encoder_hidden_states) is not supported")
-        with self.precision_context(hidden_states):
-            h0 = hidden_states.float() if self.fp32_stack else hidden_states
-            context = (attention_mask,)
-            if self.recorded is not None:
-                self.recorded.append((h0, context))
-            x1, x2 = reversible_stack(h0, h0, self.layer, context, num_rev=self.num_rev_layers,
-                                      stream_dtype=self.stream_dtype, anchor_every=self.anchor_every)
-        h = ((x1 + x2) / 2).to(hidden_states.dtype)  # back to the model's dtype for the head
+        h = run_stack(self, hidden_states, self.layer, (attention_mask,), "encoder")
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h)
-
-    def precision_context(self, x: torch.Tensor):
-        """autocast off for the stack when ``fp32_stack`` is set, else nothing."""
-        return torch.autocast(x.device.type, enabled=False) if self.fp32_stack else contextlib.nullcontext()
 
 
 def install(model: nn.Module, variant: Variant, lam: float, beta: float, num_rev_layers: int | None,
             bottleneck: int, activation: str, dropout: float | None, adapter_layernorm: bool,
-            stream_dtype: torch.dtype | None = None, anchor_every: int | None = None) -> nn.Module:
+            inverse: str = "exact") -> nn.Module:
     """Swap the encoder of a BERT-family model for a MEFT encoder; returns the backbone."""
     config = model.config
     backbone, layers = encoder_layers(model, variant.name, "MEFT", MeftEncoder)
@@ -147,5 +126,5 @@ def install(model: nn.Module, variant: Variant, lam: float, beta: float, num_rev
         )
         for layer in layers
     ]
-    backbone.encoder = MeftEncoder(new_layers, num_rev_layers=k, stream_dtype=stream_dtype, anchor_every=anchor_every)
+    backbone.encoder = MeftEncoder(new_layers, num_rev_layers=k, inverse=inverse)
     return backbone

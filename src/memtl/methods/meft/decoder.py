@@ -27,20 +27,12 @@ both streams start from the embedding output and are averaged before the final n
 rotary cos/sin): non-differentiable, passed through the engine untouched. Sequence
 classification (last non-pad token), causal-LM and QA heads are HF's own and unchanged.
 
-Deep pre-norm decoders are hard on MEFT (measured on SmolLM2-135M, 30 layers, float32): with
-the residual inside F/G, λ·x1 (β·x2) re-adds the residual stream at every layer, so early
-content is over-weighted ~(1+λ)^depth and the starting point drifts (cosine to the PLM's last
-hidden states 0.68 / 0.67 / 0.17 for MEFT1/2/3; 0.91 / 0.90 / 0.88 with λ or β = 0.01); and
-the inverse cancels large residual activations, so the reversible gradients of 30 (even 4)
-stacked layers are unusable in float32: use ``anchor_every`` 1-2 (MEFT1 1e-6 / 5e-5 rel. error).
-
 Not supported: KV caches / generation with a cache (``use_cache=True`` or
 ``past_key_values`` raise), ``output_hidden_states``/``output_attentions`` (raise),
 OPT's ``layerdrop`` > 0 (ConfigError).
 """
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import torch
@@ -53,7 +45,7 @@ from transformers.models.opt.modeling_opt import OPTDecoder
 
 from memtl.errors import ConfigError
 from memtl.methods.meft.adapters import Adapter, MeftLayer, Variant
-from memtl.methods.meft.engine import reversible_stack
+from memtl.methods.meft.engine import run_stack
 
 Tensor = torch.Tensor
 
@@ -139,23 +131,12 @@ class MeftDecoderStack:
 
     layers: nn.ModuleList
     num_rev_layers: int
-    stream_dtype: torch.dtype | None
-    anchor_every: int | None
-    fp32_stack: bool  # run the stack in float32 under bf16 autocast (see MeftEncoder)
-    recorded: list | None = None  # diagnostics.py: (stack input, context) of each forward (see MeftEncoder)
+    inverse: str
+    recorded: list | None = None  # see engine.run_stack
 
     def run_layers(self, h: Tensor, context: DecoderContext) -> Tensor:
         """Both streams start from ``h``; their average comes back (before the final norm)."""
-        with self.precision_context(h):
-            h0 = h.float() if self.fp32_stack else h
-            if self.recorded is not None:
-                self.recorded.append((h0, (context,)))
-            x1, x2 = reversible_stack(h0, h0, self.layers, (context,), num_rev=self.num_rev_layers,
-                                      stream_dtype=self.stream_dtype, anchor_every=self.anchor_every)
-        return ((x1 + x2) / 2).to(h.dtype)
-
-    def precision_context(self, x: Tensor):
-        return torch.autocast(x.device.type, enabled=False) if self.fp32_stack else contextlib.nullcontext()
+        return run_stack(self, h, self.layers, (context,), "decoder")
 
 
 def _check_call(use_cache, past_key_values, kwargs) -> None:
@@ -228,7 +209,7 @@ _ARCHS = {
 
 def install(model: nn.Module, variant: Variant, lam: float, beta: float, num_rev_layers: int | None,
             bottleneck: int, activation: str, dropout: float | None, adapter_layernorm: bool,
-            stream_dtype: torch.dtype | None = None, anchor_every: int | None = None) -> nn.Module:
+            inverse: str = "exact") -> nn.Module:
     """Make the decoder of an OPT/LLaMA model (bare, causal LM, sequence classification, QA) a
     MEFT stack, in place; returns the HF base model (``OPTModel``/``LlamaModel``)."""
     config = model.config
@@ -261,5 +242,5 @@ def install(model: nn.Module, variant: Variant, lam: float, beta: float, num_rev
     ])
     # same object, same sub-modules and keys; only forward changes (see the module docstring)
     owner.__class__ = meft_cls
-    owner.num_rev_layers, owner.stream_dtype, owner.anchor_every, owner.fp32_stack = k, stream_dtype, anchor_every, False
+    owner.num_rev_layers, owner.inverse = k, inverse
     return base

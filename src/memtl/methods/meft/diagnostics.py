@@ -1,15 +1,16 @@
 """How exact is the inverse? Reconstruction error of the reversible layers.
 
-The backward pass reconstructs each reversible layer's inputs from its outputs. In exact
-arithmetic that is lossless; in floating point each inverse divides by λ or β, so errors
-grow from the top layer down (worst for small factors, deep stacks, low precision).
+The backward pass reconstructs each reversible layer's inputs from its outputs. Under
+``inverse=exact`` (fixed-point streams) that is lossless: the error is 0. Under
+``inverse=float`` each inverse divides by λ or β, so errors grow from the top layer down
+(worst for small factors, deep stacks, low precision).
 
 ``reconstruction_errors(model, batch)`` runs one forward, records what every reversible
 stack runs on (its input hidden states and its context: masks, rotary embeddings, a BART
 decoder's encoder output; each stack appends them to its ``recorded`` list when that is
 set), then per stack runs the layers forward keeping their true inputs and walks down
-from the output exactly as the backward does (same dropout masks, same precision,
-``num_rev_layers``, ``anchor_every``, ``stream_dtype``, ``fp32_stack``) and compares.
+from the output exactly as the backward does (same arithmetic, dropout masks, precision
+and ``num_rev_layers``) and compares.
 Every MEFT stack is measured: BERT/RoBERTa's encoder, BART's encoder and decoder (rows
 labelled ``stack``), OPT/LLaMA's decoder. ``ReconstructionErrorMonitor`` logs that every
 N training steps and warns above a threshold.
@@ -17,6 +18,7 @@ N training steps and warns above a threshold.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 from typing import Any, Mapping
 
@@ -26,7 +28,7 @@ from lightning.pytorch import Callback
 
 from memtl.methods.meft import meft_stacks, stack_layers
 from memtl.methods.meft.bert import MeftEncoder
-from memtl.methods.meft.engine import layer_forward, layer_inverse
+from memtl.methods.meft.engine import FixedPoint, layer_forward, layer_inverse, stack_arithmetic
 
 # inputs the stacks depend on; labels etc. are not needed to measure reconstruction
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds",
@@ -75,41 +77,33 @@ def stack_reconstruction(stack: nn.Module, hidden_states: torch.Tensor, context:
     """Per reversible layer of ``stack`` (bottom first): max abs and relative error of the
     reconstructed inputs, starting from ``hidden_states`` with ``context`` (what the stack's
     forward hands to ``reversible_stack``)."""
-    with stack.precision_context(hidden_states):
-        if stack.fp32_stack:
-            hidden_states = hidden_states.float()
-        return _reconstruction(stack, hidden_states, tuple(context))
+    layers = list(stack_layers(stack))[: stack.num_rev_layers]
+    a = stack_arithmetic(layers, stack.inverse, hidden_states.dtype)
+    x1 = x2 = a.encode(hidden_states)
+    inputs, rngs = [], []
+    for layer in layers:
+        inputs.append((x1, x2))
+        (x1, x2), rng = layer_forward(layer, x1, x2, tuple(context), a, record_rng=True)
+        rngs.append(rng)
+    report = [None] * len(layers)
+    for i in reversed(range(len(layers))):
+        x1, x2 = layer_inverse(layers[i], x1, x2, tuple(context), rngs[i], a)
+        t1, t2 = inputs[i]
+        err = max(_float(x1 - t1, a).abs().max().item(), _float(x2 - t2, a).abs().max().item())
+        scale = max(_float(t1, a).abs().max().item(), _float(t2, a).abs().max().item(),
+                    torch.finfo(torch.float32).tiny)
+        report[i] = {"layer": i, "max_abs": err, "rel": err / scale}
+    return report
+
+
+def _float(t: torch.Tensor, arithmetic) -> torch.Tensor:
+    """A stream (or a difference of streams) as float64 values: exact for fixed point."""
+    return t.double() / arithmetic.scale if isinstance(arithmetic, FixedPoint) else t
 
 
 def encoder_reconstruction(encoder: MeftEncoder, hidden_states: torch.Tensor, attention_mask=None) -> list[dict]:
     """``stack_reconstruction`` of a BERT-family encoder, whose context is the attention mask."""
     return stack_reconstruction(encoder, hidden_states, (attention_mask,))
-
-
-def _reconstruction(stack: nn.Module, hidden_states: torch.Tensor, context: tuple) -> list[dict]:
-    layers = list(stack_layers(stack))[: stack.num_rev_layers]
-    anchor = stack.anchor_every or max(len(layers), 1)
-    # same precision arrangement as the stack's forward (see reversible_stack)
-    cdt = None
-    if stack.stream_dtype is not None and stack.stream_dtype != hidden_states.dtype:
-        cdt, hidden_states = hidden_states.dtype, hidden_states.to(stack.stream_dtype)
-    x1 = x2 = hidden_states
-    inputs, rngs = [], []
-    for layer in layers:
-        inputs.append((x1, x2))
-        (x1, x2), rng = layer_forward(layer, x1, x2, context, record_rng=True, compute_dtype=cdt)
-        rngs.append(rng)
-    inputs.append((x1, x2))
-    report = [None] * len(layers)
-    for i in reversed(range(len(layers))):
-        if (i + 1) % anchor == 0:  # the top of a segment starts from the exact streams it keeps
-            x1, x2 = inputs[i + 1]
-        x1, x2 = layer_inverse(layers[i], x1, x2, context, rngs[i], compute_dtype=cdt)
-        t1, t2 = inputs[i]
-        err = max((x1 - t1).abs().max().item(), (x2 - t2).abs().max().item())
-        scale = max(t1.abs().max().item(), t2.abs().max().item(), torch.finfo(t1.dtype).tiny)
-        report[i] = {"layer": i, "max_abs": err, "rel": err / scale}
-    return report
 
 
 def _model_inputs(hf_model: nn.Module, batch: Mapping[str, Any]) -> dict:
@@ -169,24 +163,16 @@ class ReconstructionErrorMonitor(Callback):
     batch; log ``meft/recon_err_max`` (+ ``meft/recon_err_rel_max`` and per layer
     ``meft/recon_err/layer_<i>``; several stacks, BART: ``meft/recon_err/<stack>/layer_<i>``)
     and warn when the relative error (worst over all stacks) exceeds ``threshold``.
-
-    ``on_threshold="fp32"``: under a mixed-precision (bf16) run, the first time the error
-    exceeds ``threshold`` every reversible stack switches to float32 for the rest of the run
-    (``fp32_stack`` of each stack; logged as ``meft/fp32_stack``).
+    Under ``inverse=exact`` the error is 0 by construction; the monitor then checks it.
 
     Costs one extra forward (+ inverse) on the steps it runs. Batches must be dicts of
     model inputs (``input_ids``, ``attention_mask``, ...).
     """
 
-    def __init__(self, every_n_steps: int = 100, threshold: float = 1e-2, per_layer: bool = True,
-                 on_threshold: str = "warn"):
+    def __init__(self, every_n_steps: int = 100, threshold: float = 1e-2, per_layer: bool = True):
         super().__init__()
         if every_n_steps < 1:
             raise ValueError("every_n_steps must be >= 1")
-        if on_threshold not in ("warn", "fp32"):
-            raise ValueError(f"on_threshold={on_threshold!r}: choose warn or fp32")
-        self.on_threshold = on_threshold
-        self.switched_at: int | None = None  # global step of the switch to a float32 stack
         self.every_n_steps = every_n_steps
         self.threshold = threshold
         self.per_layer = per_layer
@@ -211,20 +197,9 @@ class ReconstructionErrorMonitor(Callback):
             for r in report:
                 where = f"{r['stack']}/" if "stack" in r else ""
                 pl_module.log(f"meft/recon_err/{where}layer_{r['layer']}", r["max_abs"])
-        stacks = _stacks(pl_module)
-        fp32 = all(stack.fp32_stack for stack in stacks)
-        pl_module.log("meft/fp32_stack", float(fp32))
-        if (worst_rel > self.threshold and self.on_threshold == "fp32" and not fp32
-                and _autocast_training(trainer)):
-            for stack in stacks:
-                stack.fp32_stack = True
-            self.switched_at = trainer.global_step
-            warnings.warn(f"MEFT reconstruction error {worst_rel:.3g} (relative) > {self.threshold:g} at step "
-                          f"{trainer.global_step} under {trainer.precision}: every reversible stack now runs in "
-                          "float32 (forward and recompute) for the rest of the run", RuntimeWarning, stacklevel=2)
-        elif worst_rel > self.threshold:
+        if worst_rel > self.threshold:
             msg = (f"MEFT reconstruction error {worst_rel:.3g} (relative) > {self.threshold:g} at step "
-                   f"{trainer.global_step}: gradients are inexact; use higher precision, larger lam/beta "
+                   f"{trainer.global_step}: gradients are inexact; use method.inverse=exact, larger lam/beta "
                    "or fewer reversible layers (method.num_rev_layers)")
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
@@ -232,21 +207,23 @@ class ReconstructionErrorMonitor(Callback):
 # --- command line: reconstruction error vs depth and precision ---------------------------
 
 def depth_table(variants, depths, precisions, batch_size=4, seq_len=128, seed=0, lam=None, beta=None,
-                geometry="minilm-random") -> list[dict]:
+                geometry="minilm-random", inverses=("exact", "float")) -> list[dict]:
     """Worst relative reconstruction error (over layers) per variant x depth x precision, on a
     random-init model of one of ``memtl bench``'s geometries (default: MiniLM-geometry BERT,
     hidden 384, plus the pre-trained MiniLM at depth 6; e.g. bart-base, opt-125m,
-    smollm2-random). BART: depth of each stack, one row per stack (``stack`` key)."""
+    smollm2-random). BART: depth of each stack, one row per stack (``stack`` key). One row
+    per inverse (exact | float) of each."""
     from memtl.bench import build_model, make_batch
     from memtl.methods import apply_method
 
     rows = []
-    for variant in variants:
+    for variant, inverse in itertools.product(variants, inverses):
         for depth in depths:
             for geo in (["minilm"] if depth == 6 and geometry == "minilm-random" else []) + [geometry]:
                 model = build_model(geo, None if geo == "minilm" else depth, seed)
                 opts = {k: v for k, v in (("lam", lam), ("beta", beta)) if v is not None}
-                model = apply_method(model, variant, **opts).eval()  # no dropout: the error of the maths alone
+                # no dropout: the error of the arithmetic alone
+                model = apply_method(model, variant, inverse=inverse, **opts).eval()
                 cfg = model.config
                 eos = cfg.eos_token_id if cfg.model_type == "bart" else None  # BART classifies from its EOS
                 batch = make_batch(cfg.vocab_size, batch_size, seq_len, seed, "cpu", eos_token_id=eos)
@@ -260,7 +237,8 @@ def depth_table(variants, depths, precisions, batch_size=4, seq_len=128, seed=0,
                         label = stack_label(stack) if len(stacks) > 1 else None
                         part = [r for r in report if r.get("stack") == label]
                         first = stack_layers(stack)[0]
-                        row = {"variant": variant, "geometry": geo, **({"stack": label} if label else {}),
+                        row = {"variant": variant, "inverse": inverse, "geometry": geo,
+                               **({"stack": label} if label else {}),
                                "layers": depth, "precision": precision, "lam": first.lam, "beta": first.beta,
                                "worst_rel": max(r["rel"] for r in part), "bottom_rel": part[0]["rel"],
                                "top_rel": part[-1]["rel"]}
@@ -280,6 +258,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="meft1,meft2,meft3")
     p.add_argument("--layers", default="6,12,24")
     p.add_argument("--precisions", default="32,bf16-mixed")
+    p.add_argument("--inverses", default="exact,float", help="exact (fixed-point streams) and/or float (the paper's)")
     p.add_argument("--lam", type=float, default=None, help="override lambda (default: the variant's)")
     p.add_argument("--beta", type=float, default=None)
     p.add_argument("--geometry", default="minilm-random", choices=[*GEOMETRIES, *ARCH_GEOMETRIES],
@@ -293,6 +272,10 @@ def main(argv=None) -> int:
         print(f"error: unknown variant {', '.join(bad) or '(none)'} in --variants: choose from meft1, meft2, meft3",
               file=sys.stderr)
         return 2
+    inverses = [x for x in args.inverses.split(",") if x]
+    if not inverses or any(x not in ("exact", "float") for x in inverses):
+        print("error: --inverses takes exact and/or float", file=sys.stderr)
+        return 2
     precisions = [x for x in args.precisions.split(",") if x]
     if not precisions or any(x not in ("32", "bf16-mixed") for x in precisions):
         print("error: --precisions takes 32 and/or bf16-mixed", file=sys.stderr)
@@ -304,16 +287,18 @@ def main(argv=None) -> int:
         return 2
     try:
         check_out_file(args.out)
-        rows = depth_table(variants, depths, precisions, lam=args.lam, beta=args.beta, geometry=args.geometry)
+        rows = depth_table(variants, depths, precisions, lam=args.lam, beta=args.beta, geometry=args.geometry,
+                           inverses=inverses)
     except ConfigError as e:  # e.g. --lam 0
         print(f"error: {e}", file=sys.stderr)
         return 2
     names = [r["geometry"] + (f"/{r['stack']}" if "stack" in r else "") for r in rows]  # bart-base/decoder
     w = max([14, *map(len, names)])
-    print(f"{'variant':8} {'backbone':{w}} {'L':>3} {'precision':10} {'lam':>5} {'beta':>5} "
+    print(f"{'variant':8} {'inverse':7} {'backbone':{w}} {'L':>3} {'precision':10} {'lam':>5} {'beta':>5} "
           f"{'top layer':>10} {'bottom layer':>12} {'worst':>10}")
     for r, name in zip(rows, names):
-        print(f"{r['variant']:8} {name:{w}} {r['layers']:>3} {r['precision']:10} {r['lam']:>5} {r['beta']:>5} "
+        print(f"{r['variant']:8} {r['inverse']:7} {name:{w}} {r['layers']:>3} {r['precision']:10} {r['lam']:>5} "
+              f"{r['beta']:>5} "
               f"{r['top_rel']:>10.2e} {r['bottom_rel']:>12.2e} {r['worst_rel']:>10.2e}")
     if args.out:
         with open(args.out, "w") as f:

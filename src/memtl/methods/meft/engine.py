@@ -16,23 +16,50 @@ with grad enabled, one layer at a time. Peak activation memory is then one layer
 recompute graph plus the streams, whatever the depth. The remaining layers run with
 plain autograd. Without grad (eval, ``torch.no_grad``) every layer is a plain forward.
 
+Two arithmetics for the reversible layers (``inverse``):
+
+- ``"exact"`` (DESIGN §1.7): the streams are int64 fixed point, value = n·2⁻³², so adding
+  F's output (rounded to that grid) is exact, and multiplying by lam = p/q keeps the
+  remainder of the division by q in a per-stack buffer (``RemainderStack``, packed in
+  mixed radix: log2(q) bits per element per layer). The inverse recovers the forward's
+  streams bit for bit at any depth and in any compute precision, provided F and G
+  recompute bit for bit (same inputs, RNG state, autocast). The backward treats the
+  rounding to the grid as the identity, so gradients are plain autograd's up to the
+  compute dtype's own rounding. A value outside the grid's range raises
+  ``FixedPointOverflow`` naming the layer; it never wraps.
+- ``"float"``: the paper's arithmetic in the model's dtype; the inverse divides by lam
+  and beta, so rounding error grows ~1/lam per layer going down.
+
 Context (``f(x, *context)``): per-stack extras every layer reads, e.g. attention masks,
 or a decoder's encoder output read through cross-attention. Context tensors that require
 grad become inputs of the Function: its backward recomputes F and G with them as leaves
-and returns their gradient summed over every layer of the segment (autograd then sums
-over segments and the plain layers), so whatever produced them (the encoder and its
+and returns their gradient summed over every layer (autograd then sums over the
+reversible and the plain layers), so whatever produced them (the encoder and its
 adapters) trains as under plain autograd.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
+from fractions import Fraction
 from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
+from memtl.errors import ConfigError, RunError
+
 Tensor = torch.Tensor
+
+INVERSES = ("exact", "float")
+# fixed point: value = n · 2^-bits, with the grid below the compute dtype's own rounding at
+# ordinary magnitudes: 2^-32 = 2.3e-10 for float32/bf16 (range ±2.7e8), 2^-44 = 5.7e-14 for
+# float64 (range ±6.6e4; float64 serves the tests' oracles)
+FRAC_BITS = {torch.float64: 44}
+DEFAULT_FRAC_BITS = 32
+MAX_DENOMINATOR = 1 << 16
 
 
 # --- RNG and autocast state: the recompute must replay exactly what the forward did ----
@@ -77,42 +104,231 @@ class AutocastState:
             yield
 
 
-# --- one layer, forward and inverse ----------------------------------------------------
-
-
 def _maybe_rng(state: RNGState | None):
     return state.restored() if state is not None else contextlib.nullcontext()
 
 
-def _cast(x: Tensor, dtype: torch.dtype | None) -> Tensor:
-    return x if dtype is None else x.to(dtype)
+# --- exact arithmetic: fixed-point streams and the remainders of the scalings ------------
+
+
+class FixedPointOverflow(RunError):
+    """A stream or an F/G output left the fixed-point range (or was not finite)."""
+
+
+@functools.lru_cache(maxsize=None)
+def as_fraction(value: float) -> tuple[int, int]:
+    """``value`` as p/q with 1 <= q <= 2^16, exactly (the nearest double of p/q is ``value``);
+    ConfigError otherwise. 0.1 -> (1, 10), 0.01 -> (1, 100), 1 -> (1, 1)."""
+    fr = Fraction(value).limit_denominator(MAX_DENOMINATOR)
+    if float(fr) != value or fr == 0 or abs(fr.numerator) > MAX_DENOMINATOR:
+        raise ConfigError(f"λ/β = {value!r}: the exact inverse needs a non-zero rational p/q with |p|, q <= "
+                          f"{MAX_DENOMINATOR} (e.g. 0.1, 0.01, 0.25, 1/3); choose one, or method.inverse=float")
+    return fr.numerator, fr.denominator
+
+
+def fixed_point_limit(layers: Sequence[nn.Module], frac_bits: int) -> float:
+    """Largest magnitude a stream or an F/G output may take: with it, p·n never leaves int64."""
+    p = max(abs(as_fraction(f)[0]) for layer in layers for f in (layer.lam, layer.beta))
+    return 2.0 ** (60 - frac_bits) / p
+
+
+_WORD_DTYPES = ((torch.uint8, 1 << 8), (torch.int16, 1 << 15), (torch.int32, 1 << 31), (torch.int64, 1 << 63))
+
+
+def _word_dtype(capacity: int) -> tuple[torch.dtype, int] | None:
+    """The smallest integer dtype (and its bytes) whose non-negative range holds ``capacity`` values."""
+    return next(((dt, torch.iinfo(dt).bits // 8) for dt, cap in _WORD_DTYPES if capacity <= cap), None)
+
+
+class RemainderStack:
+    """The remainders of every exact scaling of a stack's forward, popped in reverse order
+    by its backward. Each is an integer in [0, q); they are packed per element in mixed
+    radix (word = word·q + r) into integer words, split where that takes the fewest bytes,
+    so a stack costs about log2(q) bits per element per scaling. ``radices``: the q of each
+    push, in order."""
+
+    def __init__(self, radices: Sequence[int]):
+        # fewest bytes to pack radices[i:] into consecutive words: a small dynamic programme
+        n = len(radices)
+        best: list[tuple[int, int]] = [(0, n)] * (n + 1)  # (bytes, end of the first word)
+        for i in reversed(range(n)):
+            options = []
+            for j in range(i + 1, n + 1):
+                word = _word_dtype(math.prod(radices[i:j]))
+                if word is None:
+                    break
+                options.append((word[1] + best[j][0], j))
+            best[i] = min(options)
+        self.plan: list[tuple[torch.dtype, list[int]]] = []  # per word: its dtype and radices
+        i = 0
+        while i < n:
+            j = best[i][1]
+            self.plan.append((_word_dtype(math.prod(radices[i:j]))[0], list(radices[i:j])))
+            i = j
+        self.bytes_per_element = best[0][0]
+        self.words: list[Tensor] = []
+        self._pushed = 0  # digits in the last word
+
+    def push(self, r: Tensor, q: int) -> None:
+        if not self.words or self._pushed == len(self.plan[len(self.words) - 1][1]):
+            dtype, radices = self.plan[len(self.words)]
+            self.words.append(r.to(dtype))
+            self._pushed = 1
+        else:
+            dtype, radices = self.plan[len(self.words) - 1]
+            self.words[-1].mul_(q).add_(r.to(dtype))  # < prod(radices) <= the dtype's range
+            self._pushed += 1
+        assert radices[self._pushed - 1] == q, "pushes must follow the plan"
+
+    def pop(self, q: int) -> Tensor:
+        word = self.words[-1]
+        r = torch.remainder(word, q).long()
+        self._pushed -= 1
+        if self._pushed == 0:  # the word is spent: free it now
+            self.words.pop()
+            self._pushed = len(self.plan[len(self.words) - 1][1]) if self.words else 0
+        else:
+            self.words[-1] = torch.div(word, q, rounding_mode="floor")
+        return r
+
+    def nbytes(self) -> int:
+        return sum(w.numel() * w.element_size() for w in self.words)
+
+
+class FixedPoint:
+    """Streams as int64 n·2^-bits (``FRAC_BITS``); F and G read the float view in ``dtype``."""
+
+    def __init__(self, dtype: torch.dtype, remainders: RemainderStack | None = None):
+        self.dtype = dtype
+        self.remainders = remainders
+        self.view_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.frac_bits = FRAC_BITS.get(dtype, DEFAULT_FRAC_BITS)
+        self.scale = 2.0 ** self.frac_bits
+
+    def encode(self, x: Tensor) -> Tensor:
+        # x·2^32 is exact in x's own float dtype (a power of two); round, then an exact cast
+        return torch.mul(x, self.scale).round_().to(torch.int64)
+
+    def decode(self, n: Tensor) -> Tensor:
+        return n.to(self.view_dtype).mul_(1.0 / self.scale).to(self.dtype)
+
+    def scaled_add(self, n: Tensor, factor: float, out: Tensor) -> Tensor:
+        """factor·n + round(out): the remainder of the division by q is pushed."""
+        p, q = as_fraction(factor)
+        t = n * p if p != 1 else n
+        if q != 1:
+            quotient = torch.div(t, q, rounding_mode="floor")
+            remainder = quotient * q
+            self.remainders.push(torch.sub(t, remainder, out=remainder), q)
+            del remainder
+            t = quotient
+        # in place into the fresh encoded tensor: one stream-sized temporary fewer
+        return self.encode(out).add_(t)
+
+    def unscaled_sub(self, y: Tensor, factor: float, out: Tensor) -> Tensor:
+        """(y − round(out)) / factor, exactly: the inverse of ``scaled_add`` (pops its remainder)."""
+        p, q = as_fraction(factor)
+        t = self.encode(out)
+        torch.sub(y, t, out=t)
+        if q != 1:
+            t.mul_(q).add_(self.remainders.pop(q))
+        return t.div_(p, rounding_mode="floor") if p != 1 else t  # t is a multiple of p
+
+
+class FloatStreams:
+    """The paper's arithmetic: streams in the model's dtype, the inverse divides."""
+
+    def encode(self, x: Tensor) -> Tensor:
+        return x
+
+    def decode(self, x: Tensor) -> Tensor:
+        return x
+
+    def scaled_add(self, x: Tensor, factor: float, out: Tensor) -> Tensor:
+        return factor * x + out
+
+    def unscaled_sub(self, y: Tensor, factor: float, out: Tensor) -> Tensor:
+        return torch.sub(y, out).div_(factor)
+
+
+def _amax(t: Tensor) -> Tensor:
+    """max |t| as float64 (nan when t has a nan), without an abs() copy of t."""
+    lo, hi = torch.aminmax(t)
+    return torch.maximum(-lo.double(), hi.double())
+
+
+class RangeCheck:
+    """Per layer, the largest |F|, |G| and stream magnitudes of the exact forward; checked
+    once after the stack (one device sync) so a value beyond the range never goes unseen."""
+
+    def __init__(self, layers: Sequence[nn.Module], name: str, stack_input: Tensor, arithmetic: FixedPoint):
+        self.limit = fixed_point_limit(layers, arithmetic.frac_bits)
+        self.scale = arithmetic.scale
+        self.name = name
+        self.stack_input = stack_input  # max |input|, checked with the rest
+        self.rows: list[Tensor] = []
+
+    def add(self, f: Tensor, g: Tensor, y1: Tensor, y2: Tensor) -> None:
+        s = 1.0 / self.scale
+        self.rows.append(torch.stack([_amax(f), _amax(g), _amax(y1) * s, _amax(y2) * s]))
+
+    def check(self) -> None:
+        first, *rows = torch.stack([self.stack_input.expand(4), *self.rows]).tolist()
+        if not first[0] <= self.limit:  # also nan
+            raise FixedPointOverflow(
+                f"MEFT exact inverse: the input of the reversible {self.name} stack reached |value| = {first[0]:.3g}, "
+                f"outside the fixed-point range ±{self.limit:.3g}: check the inputs, or use method.inverse=float")
+        for i, row in enumerate(rows):
+            for what, v in zip(("F's output", "G's output", "stream 1", "stream 2"), row):
+                if not v <= self.limit:
+                    raise FixedPointOverflow(
+                        f"MEFT exact inverse: layer {i} of the reversible {self.name} stack: {what} reached "
+                        f"|value| = {v:.3g}, outside the fixed-point range ±{self.limit:.3g} (int64 with "
+                        f"{math.log2(self.scale):.0f} fractional bits), where it would wrap "
+                        "around. The activations diverged or are this large: lower the learning rate or clip "
+                        "gradients (trainer.gradient_clip_val), or use method.inverse=float")
+
+
+# --- one layer, forward and inverse ----------------------------------------------------
 
 
 def layer_forward(layer: nn.Module, x1: Tensor, x2: Tensor, context: Sequence[Any] = (),
-                  record_rng: bool = False, compute_dtype: torch.dtype | None = None):
-    """Forward of one layer. With ``record_rng`` also returns the RNG states before F
-    and before G, so that an inverse/recompute can draw the same dropout masks.
-    ``compute_dtype``: the dtype F and G run in when the streams are kept in another
-    (higher) precision; None = the streams' own dtype."""
+                  arithmetic=None, record_rng: bool = False, check: RangeCheck | None = None):
+    """Forward of one layer on two streams (``arithmetic``: how they are held; None: float).
+    With ``record_rng`` also returns the RNG states before F and before G, so that an
+    inverse/recompute can draw the same dropout masks."""
+    a = arithmetic or FloatStreams()
     rng_f = RNGState(x2.device) if record_rng else None
-    y1 = layer.lam * x1 + layer.f(_cast(x2, compute_dtype), *context)
+    f = layer.f(a.decode(x2), *context)
+    y1 = a.scaled_add(x1, layer.lam, f)
     rng_g = RNGState(y1.device) if record_rng else None
-    y2 = layer.beta * x2 + layer.g(_cast(y1, compute_dtype), *context)
+    g = layer.g(a.decode(y1), *context)
+    y2 = a.scaled_add(x2, layer.beta, g)
+    if check is not None:
+        check.add(f, g, y1, y2)
     out = (y2, y1) if layer.switch else (y1, y2)
     return (out, (rng_f, rng_g)) if record_rng else out
 
 
 def layer_inverse(layer: nn.Module, o1: Tensor, o2: Tensor, context: Sequence[Any] = (),
-                  rng: tuple[RNGState | None, RNGState | None] = (None, None),
-                  compute_dtype: torch.dtype | None = None):
+                  rng: tuple[RNGState | None, RNGState | None] = (None, None), arithmetic=None):
     """Reconstruct a layer's inputs ``(x1, x2)`` from its outputs (no grad)."""
+    a = arithmetic or FloatStreams()
     y1, y2 = (o2, o1) if layer.switch else (o1, o2)
     with torch.no_grad():
         with _maybe_rng(rng[1]):
-            x2 = (y2 - layer.g(_cast(y1, compute_dtype), *context)) / layer.beta
+            x2 = a.unscaled_sub(y2, layer.beta, layer.g(a.decode(y1), *context))
         with _maybe_rng(rng[0]):
-            x1 = (y1 - layer.f(_cast(x2, compute_dtype), *context)) / layer.lam
+            x1 = a.unscaled_sub(y1, layer.lam, layer.f(a.decode(x2), *context))
     return x1, x2
+
+
+def stack_arithmetic(layers: Sequence[nn.Module], inverse: str, dtype: torch.dtype):
+    """The arithmetic one forward of ``layers`` runs in (exact: with a fresh remainder buffer)."""
+    if inverse == "float":
+        return FloatStreams()
+    radices = [q for layer in layers for f in (layer.lam, layer.beta) if (q := as_fraction(f)[1]) != 1]
+    return FixedPoint(dtype, RemainderStack(radices))
 
 
 def trainable_parameters(layers: Sequence[nn.Module]) -> list[nn.Parameter]:
@@ -130,7 +346,7 @@ def trainable_parameters(layers: Sequence[nn.Module]) -> list[nn.Parameter]:
 
 
 class _ReversibleStack(torch.autograd.Function):
-    """inputs: x1, x2, layers, context, diff_pos, compute_dtype, *diff_context, *params.
+    """inputs: x1, x2, layers, context, diff_pos, inverse, name, *diff_context, *params.
 
     ``diff_context`` are the context entries at positions ``diff_pos`` that require grad
     (e.g. a decoder's encoder output); ``params`` the layers' trainable parameters. Both
@@ -140,29 +356,40 @@ class _ReversibleStack(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x1, x2, layers, context, diff_pos, compute_dtype, *tensors):
+    def forward(ctx, x1, x2, layers, context, diff_pos, inverse, name, *tensors):
         # Function.forward already runs without grad: nothing below is recorded
         diff_context, params = tensors[:len(diff_pos)], tensors[len(diff_pos):]
         ctx.layers = layers
         # differentiable context goes through save_for_backward (version checks), the rest as is
         ctx.context = tuple(None if i in diff_pos else c for i, c in enumerate(context))
         ctx.diff_pos = diff_pos
-        ctx.compute_dtype = compute_dtype
         ctx.autocast = AutocastState(x1.device)
+        ctx.arithmetic = a = stack_arithmetic(layers, inverse, x1.dtype)
+        ctx.in_dtype = x1.dtype
+        check = RangeCheck(layers, name, torch.maximum(_amax(x1), _amax(x2)), a) if inverse == "exact" else None
+        x1, x2 = a.encode(x1), (a.encode(x2) if x2 is not x1 else None)  # the same tensor (h0): encoded once
+        x2 = x1 if x2 is None else x2
         ctx.rng = []
         for layer in layers:
-            (x1, x2), rng = layer_forward(layer, x1, x2, context, record_rng=True, compute_dtype=compute_dtype)
+            (x1, x2), rng = layer_forward(layer, x1, x2, context, a, record_rng=True, check=check)
             ctx.rng.append(rng)
-        # the only activations kept: the final two streams (the context is the caller's anyway)
-        ctx.save_for_backward(x1, x2, *diff_context)
+        if check is not None:
+            check.check()
+        # the only activations kept: the final two streams (the context is the caller's anyway).
+        # Held on ctx, not in save_for_backward, so that the backward can free them as soon as
+        # the top layer is inverted (saved tensors live until the backward returns); nothing
+        # modifies a stack's outputs in place (run_stack and the plain layers make new tensors)
+        ctx.streams = [x1, x2]
+        ctx.save_for_backward(*diff_context)
         ctx.param_index = {id(p): i for i, p in enumerate(params)}
-        return x1, x2
+        return a.decode(x1), a.decode(x2)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do1, do2):
-        o1, o2, *diff_context = ctx.saved_tensors
-        cdt = ctx.compute_dtype
+        diff_context = ctx.saved_tensors
+        (o1, o2), ctx.streams = ctx.streams, None
+        a = ctx.arithmetic
         grads: list[Tensor | None] = [None] * len(ctx.param_index)
         # differentiable context as leaves shared by every layer's recompute; each
         # autograd.grad call below returns one F or G's share of their gradient
@@ -179,14 +406,14 @@ class _ReversibleStack(torch.autograd.Function):
                 if part is not None:
                     ctx_grads[i] = part if ctx_grads[i] is None else ctx_grads[i] + part  # part may alias dy: no add_
         # streams flowing into no further op get no grad: treat as zero
-        do1 = torch.zeros_like(o1) if do1 is None else do1
-        do2 = torch.zeros_like(o2) if do2 is None else do2
+        in_dtype = ctx.in_dtype
+        do1 = torch.zeros(o1.shape, dtype=in_dtype, device=o1.device) if do1 is None else do1
+        do2 = torch.zeros(o2.shape, dtype=in_dtype, device=o2.device) if do2 is None else do2
 
         # the bottom layer's input grads are wasted work when the stack's inputs need none
         # (frozen embeddings): skipping them spares F's backward below its first adapter
         inputs_need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         bottom = ctx.layers[0]
-        in_dtypes = (o1.dtype, o2.dtype)
         for layer, (rng_f, rng_g) in zip(reversed(ctx.layers), reversed(ctx.rng)):
             y1, y2, dy1, dy2 = (o2, o1, do2, do1) if layer.switch else (o1, o2, do1, do2)
             # drop the loop's references: each stream-sized tensor is freed as soon as this
@@ -197,7 +424,7 @@ class _ReversibleStack(torch.autograd.Function):
             params = [p for p in layer.parameters() if id(p) in ctx.param_index]
 
             # 1. recompute g = G(y1) with grad; backprop dy2 into G's params and y1
-            y1_in = _cast(y1, cdt).detach().requires_grad_(True)
+            y1_in = a.decode(y1).detach().requires_grad_(True)
             with torch.enable_grad(), ctx.autocast.replayed(), rng_g.restored():
                 g = layer.g(y1_in, *context)
             gy1, *g_grads = torch.autograd.grad(g, [y1_in, *leaves, *params], dy2.to(g.dtype), allow_unused=True)
@@ -208,11 +435,11 @@ class _ReversibleStack(torch.autograd.Function):
             del gy1
             # 2. reconstruct x2 (y2 is not needed after this)
             with torch.no_grad():
-                x2 = torch.sub(y2, g).div_(layer.beta)
+                x2 = a.unscaled_sub(y2, layer.beta, g.detach())
             del g, y2
 
             # 3. recompute f = F(x2) with grad; backprop dy1 into F's params and x2
-            x2_in = _cast(x2, cdt).detach().requires_grad_(need_dx)
+            x2_in = a.decode(x2).detach().requires_grad_(need_dx)
             with torch.enable_grad(), ctx.autocast.replayed(), rng_f.restored():
                 f = layer.f(x2_in, *context)
             wrt = [x2_in, *leaves, *params] if need_dx else [*leaves, *params]
@@ -224,7 +451,7 @@ class _ReversibleStack(torch.autograd.Function):
             del x2_in, wrt
             # 4. reconstruct x1
             with torch.no_grad():
-                x1 = torch.sub(y1, f).div_(layer.lam)
+                x1 = a.unscaled_sub(y1, layer.lam, f.detach())
             del f, y1
 
             # 5. input grads (in place into the fresh gx2 where the dtypes allow)
@@ -249,35 +476,20 @@ class _ReversibleStack(torch.autograd.Function):
             del x1, x2, dx1, dx2
 
         # grads must match each input's dtype (autocast may leave the streams' grads in bf16)
-        dx1 = do1.to(in_dtypes[0]) if ctx.needs_input_grad[0] else None
-        dx2 = do2.to(in_dtypes[1]) if ctx.needs_input_grad[1] else None
-        return (dx1, dx2, None, None, None, None, *ctx_grads, *grads)
+        dx1 = do1.to(in_dtype) if ctx.needs_input_grad[0] else None
+        dx2 = do2.to(in_dtype) if ctx.needs_input_grad[1] else None
+        return (dx1, dx2, None, None, None, None, None, *ctx_grads, *grads)
 
 
 def reversible_stack(x1: Tensor, x2: Tensor, layers: Sequence[nn.Module], context: Sequence[Any] = (),
-                     num_rev: int | None = None, stream_dtype: torch.dtype | None = None,
-                     anchor_every: int | None = None) -> tuple[Tensor, Tensor]:
+                     num_rev: int | None = None, inverse: str = "exact",
+                     name: str = "encoder") -> tuple[Tensor, Tensor]:
     """Run ``layers`` on the two streams; the first ``num_rev`` (None: all) with the
-    reversible backward, the rest with plain autograd. Returns the final streams.
-
-    ``anchor_every`` = k splits the reversible layers into segments of k, each its own
-    ``_ReversibleStack``: each keeps its exact output streams, so reconstruction restarts
-    from exact values every k layers and rounding error grows over k layers, not the
-    whole depth - for two streams of memory per segment (None: one segment, the paper).
-
-    ``stream_dtype`` (e.g. float64) keeps the two streams in a higher precision than F
-    and G compute in. The inverse divides by lam (and beta) at every layer, so rounding
-    errors of the streams grow ~1/lam per layer going down; wider streams start them far
-    smaller. They do not vanish: F and G still see the streams rounded to the compute
-    dtype, and where a reconstructed value rounds to the neighbouring number (values on a
-    rounding tie are common: streams are sums of compute-dtype numbers) that 1-ulp
-    difference is amplified like any other error. Measured on MiniLM (6 layers, fp32):
-    reversible gradients' error 1.5e-2 → 1.8e-4 (MEFT1), 1.1e-1 → 1e-2 (MEFT2).
-    """
-    compute_dtype = None
-    if stream_dtype is not None and stream_dtype != x1.dtype:
-        compute_dtype = x1.dtype
-        x1, x2 = x1.to(stream_dtype), x2.to(stream_dtype)
+    reversible backward in the ``inverse`` arithmetic (exact | float), the rest with plain
+    autograd. Returns the final streams. ``name`` labels the stack in error messages."""
+    if inverse not in INVERSES:
+        raise ConfigError(f"method.inverse={inverse!r}: choose exact (fixed-point streams, bit-exact) or float "
+                          "(the paper's division)")
     layers = list(layers)
     num_rev = len(layers) if num_rev is None else num_rev
     rev, plain = layers[:num_rev], layers[num_rev:]
@@ -288,13 +500,21 @@ def reversible_stack(x1: Tensor, x2: Tensor, layers: Sequence[nn.Module], contex
 
     if rev and torch.is_grad_enabled() and (trainable_parameters(rev) or x1.requires_grad or x2.requires_grad
                                             or diff_pos):
-        k = anchor_every or len(rev)
-        for start in range(0, len(rev), k):
-            segment = rev[start:start + k]
-            x1, x2 = _ReversibleStack.apply(x1, x2, segment, context, diff_pos, compute_dtype,
-                                            *diff_context, *trainable_parameters(segment))
+        x1, x2 = _ReversibleStack.apply(x1, x2, rev, context, diff_pos, inverse, name,
+                                        *diff_context, *trainable_parameters(rev))
     else:  # no grad (eval), or nothing to differentiate: a plain forward records nothing either
         plain = layers
     for layer in plain:
-        x1, x2 = layer_forward(layer, x1, x2, context, compute_dtype=compute_dtype)
+        x1, x2 = layer_forward(layer, x1, x2, context)
     return x1, x2
+
+
+def run_stack(stack: nn.Module, h: Tensor, layers: Sequence[nn.Module], context: tuple, name: str) -> Tensor:
+    """A MEFT stack's forward (DESIGN §1.2): both streams start from ``h``, run through
+    ``layers`` as set by ``stack.num_rev_layers`` and ``stack.inverse``, and their average
+    comes back. ``stack.recorded`` (a list, set by diagnostics.py for one forward) receives
+    what the layers ran on, so reconstruction can be measured without redoing the forward."""
+    if stack.recorded is not None:
+        stack.recorded.append((h, context))
+    x1, x2 = reversible_stack(h, h, layers, context, num_rev=stack.num_rev_layers, inverse=stack.inverse, name=name)
+    return ((x1 + x2) / 2).to(h.dtype)

@@ -1,21 +1,23 @@
-"""``memtl gradcheck``: how exact is the reversible backward? The table of the MEFT issue.
+"""``memtl gradcheck``: how exact is the reversible backward? The tables of the MEFT issues.
 
 For every variant and backbone, the gradients of every trainable parameter with the
 reversible backward against plain autograd through the same maths (``num_rev_layers=0``),
-as the worst relative error over parameters (‖g_rev − g_plain‖ / ‖g_plain‖):
+as the worst relative error over parameters (‖g_rev − g_plain‖ / ‖g_plain‖), for both
+inverses (``exact``: fixed-point streams; ``float``: the paper's division):
 
-* tiny random BERT and RoBERTa (4 layers, hidden 32), BART (2 encoder + 2 decoder layers,
-  both stacks reversible: the encoder adapters' gradients come through the decoder's
-  encoder-output gradient), OPT (pre-LayerNorm; and the post-LayerNorm OPT-350m form with
-  in/out projections) and LLaMA (3 layers each) in float64, dropout off, a padded batch:
+* float64, tiny random BERT and RoBERTa (4 layers, hidden 32), BART (2 encoder + 2 decoder
+  layers, both stacks reversible: the encoder adapters' gradients come through the
+  decoder's encoder-output gradient), OPT (pre-LayerNorm; and the post-LayerNorm OPT-350m
+  form with in/out projections) and LLaMA (3 layers each), dropout off, a padded batch:
   all layers reversible, and the bottom half (partial); with dropout on (0.1, same seed,
   so the recompute must replay the forward's masks);
-* the pre-trained MiniLM (6 layers) in float32, dropout off — what training here gets —
-  and with ``stream_dtype=float64`` or ``anchor_every`` = 2 / 1 (exact streams kept
-  every 2 layers / every layer).
+* float32 at depth: the same architectures with 24 layers (BART: 24 + 24), hidden 64,
+  Hugging Face's random init, dropout 0.1;
+* the pre-trained MiniLM (6 layers) in float32, dropout off — what training here gets;
+* with ``--smollm2``: SmolLM2-135M's real weights, all 30 layers, float32.
 
-    memtl gradcheck                    # all of it (~1 min on CPU)
-    memtl gradcheck --skip-minilm      # the float64 oracle only
+    memtl gradcheck                    # all but SmolLM2 (~1 min on CPU)
+    memtl gradcheck --skip-minilm      # the tiny models only
 """
 from __future__ import annotations
 
@@ -58,35 +60,39 @@ def max_rel_err(a: dict, b: dict) -> float:
     return max(errs)
 
 
-def tiny_model(arch: str, variant: str, dropout: float, **opts):
+def tiny_model(arch: str, variant: str, dropout: float, layers: int | None = None, hidden: int = 32,
+               dtype: torch.dtype = torch.float64, **opts):
+    """A small random model of ``arch`` with MEFT ``variant`` applied, in train mode.
+    ``layers``: depth of every stack (None: 4 for BERT/RoBERTa, 2 + 2 for BART, 3 otherwise)."""
     import transformers
 
     common = dict(vocab_size=120, max_position_embeddings=64, num_labels=3)
+    ffn = 2 * hidden
     if arch in ("bert", "roberta"):
         cls = "BertForSequenceClassification" if arch == "bert" else "RobertaForSequenceClassification"
         cfg = getattr(transformers, "BertConfig" if arch == "bert" else "RobertaConfig")(
-            hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+            hidden_size=hidden, num_hidden_layers=layers or 4, num_attention_heads=4, intermediate_size=ffn,
             hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, pad_token_id=PAD[arch], **common)
     elif arch == "bart":
         cls = "BartForSequenceClassification"
-        cfg = transformers.BartConfig(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                                      decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                                      dropout=dropout, attention_dropout=dropout, activation_dropout=dropout,
-                                      pad_token_id=PAD[arch], bos_token_id=0, eos_token_id=EOS,
-                                      decoder_start_token_id=EOS, **common)
+        cfg = transformers.BartConfig(d_model=hidden, encoder_layers=layers or 2, decoder_layers=layers or 2,
+                                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=ffn,
+                                      decoder_ffn_dim=ffn, dropout=dropout, attention_dropout=dropout,
+                                      activation_dropout=dropout, pad_token_id=PAD[arch], bos_token_id=0,
+                                      eos_token_id=EOS, decoder_start_token_id=EOS, **common)
     elif arch in ("opt", "opt-350m"):
         cls = "OPTForSequenceClassification"
-        cfg = transformers.OPTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, ffn_dim=64,
-                                     dropout=dropout, attention_dropout=dropout, pad_token_id=PAD[arch],
+        cfg = transformers.OPTConfig(hidden_size=hidden, num_hidden_layers=layers or 3, num_attention_heads=4,
+                                     ffn_dim=ffn, dropout=dropout, attention_dropout=dropout, pad_token_id=PAD[arch],
                                      do_layer_norm_before=arch == "opt",
-                                     word_embed_proj_dim=16 if arch == "opt-350m" else 32, **common)
+                                     word_embed_proj_dim=hidden // 2 if arch == "opt-350m" else hidden, **common)
     else:  # llama: no hidden dropout; attention dropout (and the adapters') carry the masks
         cls = "LlamaForSequenceClassification"
-        cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                       num_key_value_heads=2, intermediate_size=64, attention_dropout=dropout,
+        cfg = transformers.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers or 3, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=ffn, attention_dropout=dropout,
                                        pad_token_id=PAD[arch], **common)
     torch.manual_seed(0)
-    model = getattr(transformers, cls)(cfg).to(torch.float64)
+    model = getattr(transformers, cls)(cfg).to(dtype)
     return apply_method(model, variant, **opts).train()
 
 
@@ -108,47 +114,83 @@ def padded_batch(vocab: int, pad: int, n: int = 4, length: int = 12, labels: int
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.arange(n) % labels}
 
 
-def rev_vs_plain(model, batch, num_rev: int | None) -> float:
+def rev_vs_plain(model, batch, num_rev: int | None, seed: int = 0) -> float:
     plain = _set(copy.deepcopy(model), num_rev_layers=0)
     deepest = max(len(stack_layers(s)) for s in meft_stacks(model))
     _set(model, num_rev_layers=num_rev if num_rev is not None else deepest)
-    return max_rel_err(_grads(model, batch), _grads(plain, batch))
+    return max_rel_err(_grads(model, batch, seed), _grads(plain, batch, seed))
 
 
 def _half(model) -> int:
     return max(len(stack_layers(s)) for s in meft_stacks(model)) // 2 or 1
 
 
-def table(include_minilm: bool = True) -> list[dict]:
+INVERSES = ("exact", "float")
+DEPTH = 24
+
+
+def table(include_minilm: bool = True, include_smollm2: bool = False, depth: int = DEPTH) -> list[dict]:
     rows = []
     for arch in ARCHS:
         batch = padded_batch(120, PAD[arch], eos=EOS if arch == "bart" else None)
         for variant in VARIANTS:
-            row = {"variant": variant, "backbone": f"tiny {arch}", "dtype": "float64"}
-            row["all layers"] = rev_vs_plain(tiny_model(arch, variant, 0.0), batch, None)
-            model = tiny_model(arch, variant, 0.0)
-            row["bottom half"] = rev_vs_plain(model, batch, _half(model))
-            row["dropout 0.1"] = rev_vs_plain(tiny_model(arch, variant, 0.1, adapter_dropout=0.1), batch, None)
-            row["anchor every 2"] = rev_vs_plain(tiny_model(arch, variant, 0.0, anchor_every=2), batch, None)
+            row = {"variant": variant, "backbone": f"tiny {arch}"}
+            for inv in INVERSES:
+                row[f"{inv} all"] = rev_vs_plain(tiny_model(arch, variant, 0.0, inverse=inv), batch, None)
+                model = tiny_model(arch, variant, 0.0, inverse=inv)
+                row[f"{inv} half"] = rev_vs_plain(model, batch, _half(model))
+                row[f"{inv} dropout"] = rev_vs_plain(
+                    tiny_model(arch, variant, 0.1, adapter_dropout=0.1, inverse=inv), batch, None)
+                if arch != "roberta":  # same stack as BERT's
+                    row[f"{inv} fp32 deep"] = rev_vs_plain(
+                        tiny_model(arch, variant, 0.1, layers=depth, hidden=64, dtype=torch.float32, inverse=inv),
+                        batch, None)
             rows.append(row)
     if include_minilm:
         from memtl.bench import build_model, make_batch
 
         for variant in VARIANTS:
-            row = {"variant": variant, "backbone": "MiniLM (6 layers)", "dtype": "float32"}
-            for label, opts in (("all layers", {}), ("stream float64", {"stream_dtype": "float64"}),
-                                ("anchor every 2", {"anchor_every": 2}), ("anchor every 1", {"anchor_every": 1})):
-                model = apply_method(build_model("minilm", None, 0), variant, **opts)
+            row = {"variant": variant, "backbone": "MiniLM (6 layers)"}
+            for inv in INVERSES:
+                model = apply_method(build_model("minilm", None, 0), variant, inverse=inv)
                 model.eval()  # dropout off: the error of the arithmetic alone
-                batch = make_batch(model.config.vocab_size, 4, 128, 0, "cpu")
-                row[label] = rev_vs_plain(model, batch, None)
+                row[f"{inv} fp32"] = rev_vs_plain(model, make_batch(model.config.vocab_size, 4, 128, 0, "cpu"), None)
             rows.append(row)
+    if include_smollm2:
+        rows += smollm2_rows()
+    return rows
+
+
+def smollm2_rows(length: int = 64, inverses=INVERSES) -> list[dict]:
+    """SmolLM2-135M, real weights, all 30 layers reversible, float32, causal-LM loss on text."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from memtl.backbones import load_model, load_tokenizer
+
+    entry = OmegaConf.load(Path(__file__).parents[4] / "conf" / "backbone" / "smollm2_135m.yaml")
+    tok = load_tokenizer(entry)
+    model = load_model(entry, tokenizer=tok, head="causal_lm")
+    rows = []
+    text = ("Reversible networks reconstruct each layer's inputs from its outputs, so activations need not be "
+            "kept. The capital of France is Paris. Water boils at one hundred degrees Celsius at sea level. ") * 4
+    ids = tok(text, return_tensors="pt")["input_ids"][:, :length]
+    batch = {"input_ids": ids, "labels": ids}
+    for variant in VARIANTS:
+        row = {"variant": variant, "backbone": "SmolLM2-135M (30 layers)"}
+        for inv in inverses:
+            m = apply_method(copy.deepcopy(model), variant, inverse=inv).eval()
+            row[f"{inv} fp32"] = rev_vs_plain(m, batch, None)
+        rows.append(row)
     return rows
 
 
 def main(argv=None) -> int:
     p = ArgumentParser(prog="memtl gradcheck", description=__doc__.split("\n")[0])
-    p.add_argument("--skip-minilm", action="store_true", help="only the float64 tiny-model oracle")
+    p.add_argument("--skip-minilm", action="store_true", help="only the tiny random models")
+    p.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M's real weights, 30 layers, float32")
+    p.add_argument("--depth", type=int, default=DEPTH, help=f"layers of the float32 models (default {DEPTH})")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
     try:
@@ -156,13 +198,19 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows = table(include_minilm=not args.skip_minilm)
-    cols = ["all layers", "bottom half", "dropout 0.1", "stream float64", "anchor every 2", "anchor every 1"]
-    print(f"{'variant':8} {'backbone':18} {'dtype':8} " + " ".join(f"{c:>14}" for c in cols))
+    if args.depth < 1:
+        print(f"error: --depth {args.depth}: must be >= 1", file=sys.stderr)
+        return 2
+    rows = table(include_minilm=not args.skip_minilm, include_smollm2=args.smollm2, depth=args.depth)
+    cols = [f"{inv} {c}" for inv in INVERSES for c in ("all", "half", "dropout", "fp32 deep", "fp32")]
+    cols = [c for c in cols if any(c in r for r in rows)]
+    print(f"{'variant':8} {'backbone':24} " + " ".join(f"{c:>14}" for c in cols))
     for r in rows:
-        print(f"{r['variant']:8} {r['backbone']:18} {r['dtype']:8} "
+        print(f"{r['variant']:8} {r['backbone']:24} "
               + " ".join(f"{r[c]:>14.1e}" if c in r else f"{'-':>14}" for c in cols))
-    print("max relative error of the trainable parameters' gradients, reversible vs plain autograd")
+    print("max relative error of the trainable parameters' gradients, reversible vs plain autograd: float64 tiny "
+          f"models (all layers / bottom half / dropout 0.1), float32 at {args.depth} layers (deep) with dropout 0.1, "
+          "float32 pre-trained (dropout off)")
     if args.out:
         try:
             with open(args.out, "w") as f:
