@@ -577,8 +577,10 @@ def _sherl_encoder(net: Net, g: Geometry, m: Method, h0: T, B: int, S: int) -> T
 def _simulate_meft(g: Geometry, m: Method, B: int, S: int, amp: bool, cuda: bool) -> int:
     """The reversible stack (memtl.methods.meft.engine): forward without a graph keeping
     the two streams; backward recomputes G then F of one layer at a time with grad.
-    Exact inverse: int64 streams, F and G read a float32 view of them, and the remainders
-    of the λ/β scalings (packed, ``RemainderStack``) are held from the forward's end."""
+    Exact inverse: each stream is its float32 view (what F and G read) plus an int16
+    residual (``FixedStream``), the arithmetic runs on int64 temporaries, and the
+    remainders of the λ/β scalings (packed, ``RemainderStack``) are held from the
+    forward's end."""
     from memtl.methods.meft.engine import RemainderStack, as_fraction
 
     d, r, n = g.hidden, m.bottleneck, B * S * g.hidden
@@ -602,22 +604,30 @@ def _simulate_meft(g: Geometry, m: Method, B: int, S: int, amp: bool, cuda: bool
 
     f_kind, g_kind = {"meft1": ("layer", "adapter"), "meft2": ("adapter", "layer"), "meft3": ("attn", "ffn")}[variant]
     mem = Mem()
-    sb = 8 if exact else 4  # bytes per stream element: int64 fixed point, or float32
+    # a stream is a float32 tensor; exact adds its int16 residual, allocated and freed with it
+    residual = 2 * n if exact else 0
     emb = Net(amp, cuda)
     h0 = emb.embeddings(g, B, S, train=False)
     forward(mem, emb.ops, keep=[h0])  # frozen: nothing saved
 
-    def new(k: int = 1, bpe: int = sb) -> T:
+    def new(k: int = 1, bpe: int = 4) -> T:
         t = T(n, bpe)
         t.refs = k
         mem.alloc(t.nbytes)
         return t
 
-    def view(x: T) -> T:  # what F and G read: the stream itself, or its float32 view
-        if not exact:
-            x.refs += 1
-            return x
-        return new(bpe=4)
+    def new_stream(k: int = 1) -> T:
+        mem.alloc(residual)
+        return new(k)
+
+    def release(t: T) -> None:  # a stream's reference dropped
+        _unref(mem, t)
+        if t.refs == 0:
+            mem.free(residual)
+
+    def view(x: T) -> T:  # what F and G read: the stream (exact: its float view, a part of it)
+        x.refs += 1
+        return x
 
     def run(kind: str, x: T, grad: bool) -> tuple[list[Op], T, T]:
         v = view(x)
@@ -630,19 +640,20 @@ def _simulate_meft(g: Geometry, m: Method, B: int, S: int, amp: bool, cuda: bool
         return ops, y, v
 
     def combine(out: T) -> T:
-        """scaled_add / unscaled_sub: the encoded F/G output becomes the new stream; the
-        float path makes one temporary, the exact one a float and an int64 one."""
-        tmp = new(bpe=4) if exact else new()
-        y = new()
-        _unref(mem, tmp)
-        if exact:
-            _unref(mem, new())
+        """scaled_add / unscaled_sub: the F/G output added to a stream makes the new one;
+        the float path makes one temporary, the exact one two int64 ones."""
+        temps = [new(bpe=8), new(bpe=8)] if exact else [new()]
+        y = new_stream()
+        for t in temps:
+            _unref(mem, t)
         _unref(mem, out)
         return y
 
     # forward, no graph: y1 = lam*x1 + F(x2); y2 = beta*x2 + G(y1)
     if exact:
-        x1 = x2 = new(k=2)  # encode(h0)
+        tmp = new(bpe=8)
+        x1 = x2 = new_stream(k=2)  # encode(h0)
+        _unref(mem, tmp)
     else:
         x1 = x2 = h0
         h0.refs = 3  # held by the encoder's frame and as both streams
@@ -651,20 +662,17 @@ def _simulate_meft(g: Geometry, m: Method, B: int, S: int, amp: bool, cuda: bool
         y1 = combine(f)
         _, gg, _ = run(g_kind, y1, grad=False)
         y2 = combine(gg)
-        _unref(mem, x1)
-        _unref(mem, x2)
+        release(x1)
+        release(x2)
         x1, x2 = (y2, y1) if variant != "meft3" else (y1, y2)
     if exact:
         mem.alloc(remainder_bytes)
     _unref(mem, h0)
     # ctx keeps the final streams until the backward starts; the caller gets them (float)
     # or their float32 views (exact)
-    o1, o2 = x1, x2
-    if exact:
-        x1, x2 = new(bpe=4), new(bpe=4)
-    else:
-        x1.refs += 1
-        x2.refs += 1
+    o1, o2 = x1, x2  # the caller's outputs share their (float view's) storage
+    x1.refs += 1
+    x2.refs += 1
     # (x1 + x2) / 2 -> head, with autograd
     head = Net(amp, cuda)
     hsum = head.add(x1, x2)
@@ -672,8 +680,8 @@ def _simulate_meft(g: Geometry, m: Method, B: int, S: int, amp: bool, cuda: bool
     h = head.scale(hsum)
     loss = head.head(h, g, B)
     forward(mem, head.ops, keep=[loss])
-    _unref(mem, x1)
-    _unref(mem, x2)
+    release(x1)
+    release(x2)
     grads = {loss: G(loss.nbytes)}
     mem.alloc(loss.nbytes)
     backward(mem, head.ops, grads)
@@ -696,7 +704,7 @@ def _simulate_meft(g: Geometry, m: Method, B: int, S: int, amp: bool, cuda: bool
             dy1 = ndy1
         # 2. x2 = (y2 - g) / beta
         x2 = combine(gy)
-        _unref(mem, y2)
+        release(y2)
         # 3. F(x2) with grad, backprop dy1
         ops, f, v = run(f_kind, x2, grad=True)
         gr = {f: G(dy1.nbytes, refs=2)}
@@ -707,7 +715,7 @@ def _simulate_meft(g: Geometry, m: Method, B: int, S: int, amp: bool, cuda: bool
         _unref(mem, v)
         # 4. x1 = (y1 - f) / lam
         x1 = combine(f)
-        _unref(mem, y1)
+        release(y1)
         # 5. dx1 = lam*dy1, dx2 = beta*dy2 + gx2
         dx1 = new(bpe=4)
         tmp = new(bpe=4)

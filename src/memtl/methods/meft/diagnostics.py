@@ -28,7 +28,7 @@ from lightning.pytorch import Callback
 
 from memtl.methods.meft import meft_stacks, stack_layers
 from memtl.methods.meft.bert import MeftEncoder
-from memtl.methods.meft.engine import FixedPoint, layer_forward, layer_inverse, stack_arithmetic
+from memtl.methods.meft.engine import layer_forward, layer_inverse, stack_arithmetic
 
 # inputs the stacks depend on; labels etc. are not needed to measure reconstruction
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds",
@@ -89,16 +89,10 @@ def stack_reconstruction(stack: nn.Module, hidden_states: torch.Tensor, context:
     for i in reversed(range(len(layers))):
         x1, x2 = layer_inverse(layers[i], x1, x2, tuple(context), rngs[i], a)
         t1, t2 = inputs[i]
-        err = max(_float(x1 - t1, a).abs().max().item(), _float(x2 - t2, a).abs().max().item())
-        scale = max(_float(t1, a).abs().max().item(), _float(t2, a).abs().max().item(),
-                    torch.finfo(torch.float32).tiny)
+        err = max(a.difference(x1, t1).abs().max().item(), a.difference(x2, t2).abs().max().item())
+        scale = max(a.decode(t1).abs().max().item(), a.decode(t2).abs().max().item(), torch.finfo(torch.float32).tiny)
         report[i] = {"layer": i, "max_abs": err, "rel": err / scale}
     return report
-
-
-def _float(t: torch.Tensor, arithmetic) -> torch.Tensor:
-    """A stream (or a difference of streams) as float64 values: exact for fixed point."""
-    return t.double() / arithmetic.scale if isinstance(arithmetic, FixedPoint) else t
 
 
 def encoder_reconstruction(encoder: MeftEncoder, hidden_states: torch.Tensor, attention_mask=None) -> list[dict]:

@@ -195,8 +195,32 @@ class RemainderStack:
         return sum(w.numel() * w.element_size() for w in self.words)
 
 
+class FixedStream:
+    """A fixed-point stream n·2^-bits, held as its float view ``hi`` (what F and G read, so the
+    view costs nothing extra) and the integer residual ``lo = n − round(hi·2^bits)`` in the
+    smallest integer dtype that holds it (int16 while |values| < 2^8 in float32): 6 bytes per
+    element where an int64 stream and its view would take 12."""
+
+    __slots__ = ("hi", "lo")
+
+    def __init__(self, hi: Tensor, lo: Tensor):
+        self.hi, self.lo = hi, lo
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.hi.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.hi.device
+
+
+_RESIDUAL_DTYPES = ((torch.int16, 1 << 15), (torch.int32, 1 << 31), (torch.int64, 1 << 63))
+
+
 class FixedPoint:
-    """Streams as int64 n·2^-bits (``FRAC_BITS``); F and G read the float view in ``dtype``."""
+    """Exact arithmetic on ``FixedStream``s (``FRAC_BITS``); F and G read the float view in
+    ``dtype``; additions and scalings run on int64 and leave no trace but the remainders."""
 
     def __init__(self, dtype: torch.dtype, remainders: RemainderStack | None = None):
         self.dtype = dtype
@@ -205,34 +229,51 @@ class FixedPoint:
         self.frac_bits = FRAC_BITS.get(dtype, DEFAULT_FRAC_BITS)
         self.scale = 2.0 ** self.frac_bits
 
-    def encode(self, x: Tensor) -> Tensor:
-        # x·2^32 is exact in x's own float dtype (a power of two); round, then an exact cast
+    def _round(self, x: Tensor) -> Tensor:
+        # x·2^bits is exact in x's own float dtype (a power of two); round, then an exact cast
         return torch.mul(x, self.scale).round_().to(torch.int64)
 
-    def decode(self, n: Tensor) -> Tensor:
-        return n.to(self.view_dtype).mul_(1.0 / self.scale).to(self.dtype)
+    def integer(self, s: FixedStream) -> Tensor:
+        """The int64 n of a stream (a fresh tensor)."""
+        return self._round(s.hi).add_(s.lo)
 
-    def scaled_add(self, n: Tensor, factor: float, out: Tensor) -> Tensor:
-        """factor·n + round(out): the remainder of the division by q is pushed."""
+    def stream(self, n: Tensor) -> FixedStream:
+        """A stream from a fresh int64 tensor ``n`` (consumed: it becomes the residual)."""
+        hi = n.to(self.view_dtype).mul_(1.0 / self.scale).to(self.dtype)
+        lo = n.sub_(self._round(hi))
+        low, high = torch.stack(torch.aminmax(lo)).tolist()
+        dtype = next(dt for dt, cap in _RESIDUAL_DTYPES if -cap <= low and high < cap)
+        return FixedStream(hi, lo.to(dtype))
+
+    def encode(self, x: Tensor) -> FixedStream:
+        return self.stream(self._round(x))
+
+    def decode(self, s: FixedStream) -> Tensor:
+        return s.hi
+
+    def scaled_add(self, s: FixedStream, factor: float, out: Tensor) -> FixedStream:
+        """factor·s + round(out): the remainder of the division by q is pushed."""
         p, q = as_fraction(factor)
-        t = n * p if p != 1 else n
+        t = self.integer(s)
+        if p != 1:
+            t.mul_(p)
         if q != 1:
             quotient = torch.div(t, q, rounding_mode="floor")
-            remainder = quotient * q
-            self.remainders.push(torch.sub(t, remainder, out=remainder), q)
-            del remainder
+            self.remainders.push(t.sub_(quotient * q), q)
             t = quotient
-        # in place into the fresh encoded tensor: one stream-sized temporary fewer
-        return self.encode(out).add_(t)
+        return self.stream(t.add_(self._round(out)))
 
-    def unscaled_sub(self, y: Tensor, factor: float, out: Tensor) -> Tensor:
-        """(y − round(out)) / factor, exactly: the inverse of ``scaled_add`` (pops its remainder)."""
+    def unscaled_sub(self, s: FixedStream, factor: float, out: Tensor) -> FixedStream:
+        """(s − round(out)) / factor, exactly: the inverse of ``scaled_add`` (pops its remainder)."""
         p, q = as_fraction(factor)
-        t = self.encode(out)
-        torch.sub(y, t, out=t)
+        t = self.integer(s).sub_(self._round(out))
         if q != 1:
             t.mul_(q).add_(self.remainders.pop(q))
-        return t.div_(p, rounding_mode="floor") if p != 1 else t  # t is a multiple of p
+        return self.stream(t.div_(p, rounding_mode="floor") if p != 1 else t)  # t is a multiple of p
+
+    def difference(self, a: FixedStream, b: FixedStream) -> Tensor:
+        """a − b as float64 values (exact while |a − b| < 2^(53 − bits))."""
+        return (self.integer(a) - self.integer(b)).double() / self.scale
 
 
 class FloatStreams:
@@ -250,6 +291,9 @@ class FloatStreams:
     def unscaled_sub(self, y: Tensor, factor: float, out: Tensor) -> Tensor:
         return torch.sub(y, out).div_(factor)
 
+    def difference(self, a: Tensor, b: Tensor) -> Tensor:
+        return a - b
+
 
 def _amax(t: Tensor) -> Tensor:
     """max |t| as float64 (nan when t has a nan), without an abs() copy of t."""
@@ -263,14 +307,13 @@ class RangeCheck:
 
     def __init__(self, layers: Sequence[nn.Module], name: str, stack_input: Tensor, arithmetic: FixedPoint):
         self.limit = fixed_point_limit(layers, arithmetic.frac_bits)
-        self.scale = arithmetic.scale
+        self.frac_bits = arithmetic.frac_bits
         self.name = name
         self.stack_input = stack_input  # max |input|, checked with the rest
         self.rows: list[Tensor] = []
 
-    def add(self, f: Tensor, g: Tensor, y1: Tensor, y2: Tensor) -> None:
-        s = 1.0 / self.scale
-        self.rows.append(torch.stack([_amax(f), _amax(g), _amax(y1) * s, _amax(y2) * s]))
+    def add(self, f: Tensor, g: Tensor, y1: FixedStream, y2: FixedStream) -> None:
+        self.rows.append(torch.stack([_amax(f), _amax(g), _amax(y1.hi), _amax(y2.hi)]))
 
     def check(self) -> None:
         first, *rows = torch.stack([self.stack_input.expand(4), *self.rows]).tolist()
@@ -284,7 +327,7 @@ class RangeCheck:
                     raise FixedPointOverflow(
                         f"MEFT exact inverse: layer {i} of the reversible {self.name} stack: {what} reached "
                         f"|value| = {v:.3g}, outside the fixed-point range ±{self.limit:.3g} (int64 with "
-                        f"{math.log2(self.scale):.0f} fractional bits), where it would wrap "
+                        f"{self.frac_bits} fractional bits), where it would wrap "
                         "around. The activations diverged or are this large: lower the learning rate or clip "
                         "gradients (trainer.gradient_clip_val), or use method.inverse=float")
 
@@ -382,7 +425,9 @@ class _ReversibleStack(torch.autograd.Function):
         ctx.streams = [x1, x2]
         ctx.save_for_backward(*diff_context)
         ctx.param_index = {id(p): i for i, p in enumerate(params)}
-        return a.decode(x1), a.decode(x2)
+        # new tensor objects (sharing the streams' storage) for autograd to give a grad_fn: ctx
+        # must not hold its own outputs (a reference cycle through the graph)
+        return a.decode(x1).detach(), a.decode(x2).detach()
 
     @staticmethod
     @once_differentiable
