@@ -27,12 +27,15 @@ Options (shared by the three names; ``None`` picks the variant's default):
 - ``num_rev_layers``: how many bottom layers use the reversible backward; ``None`` = all,
   0 = plain autograd through the same maths (the correctness oracle). Encoder-decoder
   models (BART): the first k layers of each stack.
-- ``lam``/``beta``: the stream scales; defaults MEFT1 0.1/1, MEFT2 1/0.1, MEFT3 0.1/0.1.
+- ``lam``/``beta``: the stream scales; defaults MEFT1 0.1/1, MEFT2 1/0.1, MEFT3 0.1/0.1 (the
+  paper's); on pre-norm decoders (OPT pre-LN, LLaMA) 0.01 in place of 0.1, which keeps
+  SmolLM2-135M's pre-trained starting point (docs/RESULTS.md).
 - ``inverse``: how the backward reconstructs each layer's inputs. ``exact`` (default):
-  fixed-point streams, bit-exact at any depth and precision (DESIGN §1.7), for int64
-  streams and log2(q) bits per element per λ = p/q ≠ 1 and layer; λ and β must then be
-  rationals p/q with q <= 65536. ``float``: the paper's division in the model's dtype,
-  whose rounding error grows ~1/λ per layer going down (``memtl recon``).
+  fixed-point streams, bit-exact at any depth and precision (DESIGN §1.7), for a small
+  integer residual beside each stream's float view and log2(q) bits per element per
+  λ = p/q ≠ 1 and layer; λ and β must then be rationals p/q with |p|, q <= 65536.
+  ``float``: the paper's division in the model's dtype, whose rounding error grows ~1/λ
+  per layer going down (``memtl recon``).
 - ``gradient_checkpointing``: must stay false (the reversible backward already recomputes).
 """
 from __future__ import annotations
@@ -124,14 +127,20 @@ class MeftOptions:
                               "activations and cannot be combined with checkpointing; set it to false")
 
 
+def pre_norm_decoder(config) -> bool:
+    """OPT's pre-LayerNorm form (125m, 1.3b, ...) and LLaMA: their λ/β defaults differ."""
+    return config.model_type == "llama" or (config.model_type == "opt" and getattr(config, "do_layer_norm_before", True))
+
+
 def apply_meft(model: nn.Module, opts: MeftOptions, variant: str) -> nn.Module:
     """Make ``model`` reversible with MEFT ``variant`` (meft1/meft2/meft3), in place."""
     v = VARIANTS[variant]
     if opts.adapter_layernorm and not v.rev_adapter:
         raise ConfigError(f"method.adapter_layernorm=true: {variant} has no stand-alone F/G adapter to put a "
                           "LayerNorm in; set it to false (it applies to meft1/meft2)")
-    lam = v.lam if opts.lam is None else float(opts.lam)
-    beta = v.beta if opts.beta is None else float(opts.beta)
+    decoder = pre_norm_decoder(model.config)
+    lam = (v.decoder_lam if decoder else v.lam) if opts.lam is None else float(opts.lam)
+    beta = (v.decoder_beta if decoder else v.beta) if opts.beta is None else float(opts.beta)
     if opts.inverse == "exact":
         for key, value in (("lam", lam), ("beta", beta)):
             try:

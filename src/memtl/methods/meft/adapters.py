@@ -68,20 +68,25 @@ class Variant:
     name: str
     f: str  # which callable plays F: "whole_layer" | "adapter" | "attention_block"
     g: str  # which callable plays G: "adapter" | "whole_layer" | "feed_forward_block"
-    lam: float  # default scale of x1
+    lam: float  # default scale of x1 (the paper's, for post-norm encoders)
     beta: float  # default scale of x2
     switch: bool  # pass (y2, y1) on instead of (y1, y2)
     attn_adapter: bool  # an adapter on the attention output projection (MEFT3)
     rev_adapter: bool  # a stand-alone adapter that plays F or G (MEFT1/2)
+    # defaults for pre-norm decoders (OPT's pre-LN form, LLaMA), whose F/G hold the residual:
+    # λ·x re-adds the residual stream at every layer, so the paper's 0.1 moves a deep model far
+    # from its pre-trained function (SmolLM2-135M's starting point: docs/RESULTS.md)
+    decoder_lam: float = 1.0
+    decoder_beta: float = 1.0
 
 
 VARIANTS: dict[str, Variant] = {
     "meft1": Variant("meft1", f="whole_layer", g="adapter", lam=0.1, beta=1.0, switch=True,
-                     attn_adapter=False, rev_adapter=True),
+                     attn_adapter=False, rev_adapter=True, decoder_lam=0.01),
     "meft2": Variant("meft2", f="adapter", g="whole_layer", lam=1.0, beta=0.1, switch=True,
-                     attn_adapter=False, rev_adapter=True),
+                     attn_adapter=False, rev_adapter=True, decoder_beta=0.01),
     "meft3": Variant("meft3", f="attention_block", g="feed_forward_block", lam=0.1, beta=0.1, switch=False,
-                     attn_adapter=True, rev_adapter=False),
+                     attn_adapter=True, rev_adapter=False, decoder_lam=0.01, decoder_beta=0.01),
 }
 
 

@@ -55,9 +55,9 @@ Tensor = torch.Tensor
 
 INVERSES = ("exact", "float")
 # fixed point: value = n · 2^-bits, with the grid below the compute dtype's own rounding at
-# ordinary magnitudes: 2^-32 = 2.3e-10 for float32/bf16 (range ±2.7e8), 2^-44 = 5.7e-14 for
-# float64 (range ±6.6e4; float64 serves the tests' oracles)
-FRAC_BITS = {torch.float64: 44}
+# ordinary magnitudes: 2^-32 = 2.3e-10 for float32/bf16 (range ±2.7e8), 2^-50 = 8.9e-16 for
+# float64 (range ±1024; float64 serves the tests' oracles)
+FRAC_BITS = {torch.float64: 50}
 DEFAULT_FRAC_BITS = 32
 MAX_DENOMINATOR = 1 << 16
 
