@@ -53,7 +53,9 @@ def per_stack(report) -> dict:
 def test_float64_reconstruction_is_exact_on_every_stack(arch, variant, inverse):
     # the bottom 2 layers reversible (decoders: of 3; BART: all of each stack); dropout on, train
     # mode: the inverse must replay the forward's masks
-    model = tiny_model(arch, variant, dropout=0.1, adapter_dropout=0.1, num_rev_layers=2, inverse=inverse)
+    # the paper's λ/β: the float inverse divides by them (decoders' 0.01 would cost 100x per layer)
+    paper = {"meft1": {"lam": 0.1}, "meft2": {"beta": 0.1}, "meft3": {"lam": 0.1, "beta": 0.1}}[variant]
+    model = tiny_model(arch, variant, dropout=0.1, adapter_dropout=0.1, num_rev_layers=2, inverse=inverse, **paper)
     batch = batch_for(arch)
     rng = torch.get_rng_state()
     report = reconstruction_report(model, batch)
@@ -169,7 +171,7 @@ def test_qa_batches_are_measured_through_the_multiple_choice_scorer():
 def test_recon_command_on_other_architectures(geometry, tmp_path, capsys):
     out = tmp_path / "recon.json"
     assert main(["--variants", "meft1", "--layers", "2", "--precisions", "32", "--geometry", geometry,
-                 "--out", str(out)]) == 0
+                 "--lam", "0.1", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
     stacks = ["encoder", "decoder"] if geometry == "tiny-bart" else [None]
     assert [(r["geometry"], r.get("stack"), r["layers"]) for r in rows] == [(geometry, s, 2) for s in stacks] * 2
