@@ -291,10 +291,10 @@ def test_unsupported_calls_and_configs_raise():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_pre_norm_decoders_default_to_their_own_factors(variant):
-    """λ/β = 0.01 in place of the paper's 0.1 on pre-norm decoders (OPT pre-LN, LLaMA); the
+    """λ/β 0.01 (MEFT3: 0.001) in place of the paper's 0.1 on pre-norm decoders (OPT pre-LN, LLaMA); the
     post-LN OPT-350m form keeps the paper's, like BERT; an explicit value always wins."""
     paper = {"meft1": (0.1, 1.0), "meft2": (1.0, 0.1), "meft3": (0.1, 0.1)}[variant]
-    decoder = {"meft1": (0.01, 1.0), "meft2": (1.0, 0.01), "meft3": (0.01, 0.01)}[variant]
+    decoder = {"meft1": (0.01, 1.0), "meft2": (1.0, 0.01), "meft3": (0.001, 0.001)}[variant]
     for arch, expected in (("opt", decoder), ("llama", decoder), ("opt350", paper)):
         layer = stack(meft_decoder(arch, variant)).layers[0]
         assert (layer.lam, layer.beta) == expected, arch

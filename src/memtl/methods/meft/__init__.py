@@ -28,8 +28,8 @@ Options (shared by the three names; ``None`` picks the variant's default):
   0 = plain autograd through the same maths (the correctness oracle). Encoder-decoder
   models (BART): the first k layers of each stack.
 - ``lam``/``beta``: the stream scales; defaults MEFT1 0.1/1, MEFT2 1/0.1, MEFT3 0.1/0.1 (the
-  paper's); on pre-norm decoders (OPT pre-LN, LLaMA) 0.01 in place of 0.1, which keeps
-  SmolLM2-135M's pre-trained starting point (docs/RESULTS.md).
+  paper's); on pre-norm decoders (OPT pre-LN, LLaMA) MEFT1 0.01/1, MEFT2 1/0.01, MEFT3
+  0.001/0.001, which keep SmolLM2-135M's pre-trained starting point (docs/RESULTS.md).
 - ``inverse``: how the backward reconstructs each layer's inputs. ``exact`` (default):
   fixed-point streams, bit-exact at any depth and precision (DESIGN §1.7), for a small
   integer residual beside each stream's float view and log2(q) bits per element per

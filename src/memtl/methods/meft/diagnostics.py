@@ -28,7 +28,7 @@ from lightning.pytorch import Callback
 
 from memtl.methods.meft import meft_stacks, stack_layers
 from memtl.methods.meft.bert import MeftEncoder
-from memtl.methods.meft.engine import layer_forward, layer_inverse, stack_arithmetic
+from memtl.methods.meft.engine import RangeCheck, layer_forward, layer_inverse, stack_arithmetic
 
 # inputs the stacks depend on; labels etc. are not needed to measure reconstruction
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds",
@@ -79,12 +79,16 @@ def stack_reconstruction(stack: nn.Module, hidden_states: torch.Tensor, context:
     forward hands to ``reversible_stack``)."""
     layers = list(stack_layers(stack))[: stack.num_rev_layers]
     a = stack_arithmetic(layers, stack.inverse, hidden_states.dtype)
+    check = (RangeCheck(layers, stack_label(stack), hidden_states.abs().amax().double(), a)
+             if stack.inverse == "exact" and layers else None)
     x1 = x2 = a.encode(hidden_states)
     inputs, rngs = [], []
     for layer in layers:
         inputs.append((x1, x2))
-        (x1, x2), rng = layer_forward(layer, x1, x2, tuple(context), a, record_rng=True)
+        (x1, x2), rng = layer_forward(layer, x1, x2, tuple(context), a, record_rng=True, check=check)
         rngs.append(rng)
+    if check is not None:  # out of range: the same error as training, not rows of wrapped values
+        check.check()
     report = [None] * len(layers)
     for i in reversed(range(len(layers))):
         x1, x2 = layer_inverse(layers[i], x1, x2, tuple(context), rngs[i], a)

@@ -132,7 +132,9 @@ def fixed_point_limit(layers: Sequence[nn.Module], frac_bits: int) -> float:
     return 2.0 ** (60 - frac_bits) / p
 
 
-_WORD_DTYPES = ((torch.uint8, 1 << 8), (torch.int16, 1 << 15), (torch.int32, 1 << 31), (torch.int64, 1 << 63))
+# (dtype, capacity): a word holds values below its capacity, and every radix (a q <= capacity)
+# is itself a value of the dtype, so the word's own arithmetic never leaves it
+_WORD_DTYPES = tuple((dt, torch.iinfo(dt).max) for dt in (torch.uint8, torch.int16, torch.int32, torch.int64))
 
 
 def _word_dtype(capacity: int) -> tuple[torch.dtype, int] | None:
@@ -230,8 +232,9 @@ class FixedPoint:
         self.scale = 2.0 ** self.frac_bits
 
     def _round(self, x: Tensor) -> Tensor:
-        # x·2^bits is exact in x's own float dtype (a power of two); round, then an exact cast
-        return torch.mul(x, self.scale).round_().to(torch.int64)
+        # x·2^bits is exact in float32/64 (a power of two; float16 would overflow, so it is
+        # widened first); round, then an exact cast. Always a new tensor: x is never changed
+        return torch.mul(x.to(self.view_dtype), self.scale).round_().to(torch.int64)
 
     def integer(self, s: FixedStream) -> Tensor:
         """The int64 n of a stream (a fresh tensor)."""
@@ -258,9 +261,10 @@ class FixedPoint:
         if p != 1:
             t.mul_(p)
         if q != 1:
-            quotient = torch.div(t, q, rounding_mode="floor")
-            self.remainders.push(t.sub_(quotient * q), q)
-            t = quotient
+            r = torch.remainder(t, q)  # in [0, q)
+            self.remainders.push(r, q)
+            t.sub_(r).div_(q, rounding_mode="floor")  # exact: t − r is a multiple of q
+            del r
         return self.stream(t.add_(self._round(out)))
 
     def unscaled_sub(self, s: FixedStream, factor: float, out: Tensor) -> FixedStream:
@@ -274,6 +278,19 @@ class FixedPoint:
     def difference(self, a: FixedStream, b: FixedStream) -> Tensor:
         """a − b as float64 values (exact while |a − b| < 2^(53 − bits))."""
         return (self.integer(a) - self.integer(b)).double() / self.scale
+
+    @staticmethod
+    def checksum(x1: FixedStream, x2: FixedStream) -> Tensor:
+        return torch.stack([t.double().sum() for s in (x1, x2) for t in (s.hi, s.lo)])
+
+    def verify(self, x1: FixedStream, x2: FixedStream, forward_sums: Tensor) -> None:
+        """The backward's reconstruction of the stack's inputs against the forward's: F or G
+        recomputing other bits (a kernel that differs with grad enabled, a nondeterministic
+        one) would make the gradients silently inexact."""
+        if self.remainders.words or not torch.equal(self.checksum(x1, x2), forward_sums):
+            raise RuntimeError("MEFT exact inverse: the backward did not rebuild the stack's inputs bit for bit; "
+                               "F or G recomputes differently from the forward (a nondeterministic kernel?): "
+                               "use method.inverse=float, or make the layers deterministic")
 
 
 class FloatStreams:
@@ -412,6 +429,7 @@ class _ReversibleStack(torch.autograd.Function):
         check = RangeCheck(layers, name, torch.maximum(_amax(x1), _amax(x2)), a) if inverse == "exact" else None
         x1, x2 = a.encode(x1), (a.encode(x2) if x2 is not x1 else None)  # the same tensor (h0): encoded once
         x2 = x1 if x2 is None else x2
+        ctx.input_sums = a.checksum(x1, x2) if inverse == "exact" else None
         ctx.rng = []
         for layer in layers:
             (x1, x2), rng = layer_forward(layer, x1, x2, context, a, record_rng=True, check=check)
@@ -426,15 +444,25 @@ class _ReversibleStack(torch.autograd.Function):
         ctx.save_for_backward(*diff_context)
         ctx.param_index = {id(p): i for i, p in enumerate(params)}
         # new tensor objects (sharing the streams' storage) for autograd to give a grad_fn: ctx
-        # must not hold its own outputs (a reference cycle through the graph)
-        return a.decode(x1).detach(), a.decode(x2).detach()
+        # must not hold its own outputs (a reference cycle through the graph). They share the
+        # streams' version counter: the backward checks that nobody changed them in place
+        out = a.decode(x1).detach(), a.decode(x2).detach()
+        ctx.versions = [t._version for t in out]
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do1, do2):
         diff_context = ctx.saved_tensors
+        if ctx.streams is None:  # the first backward consumed the streams (and the remainders)
+            raise RuntimeError("MEFT: this forward's reversible backward already ran; it frees what it "
+                               "reconstructs from, so a second backward through the same graph "
+                               "(retain_graph=True) is not supported: run the forward again")
         (o1, o2), ctx.streams = ctx.streams, None
         a = ctx.arithmetic
+        if [a.decode(o)._version for o in (o1, o2)] != ctx.versions:
+            raise RuntimeError("MEFT: an output of the reversible stack was modified in place before the backward; "
+                               "the reconstruction starts from it: modify a copy instead")
         grads: list[Tensor | None] = [None] * len(ctx.param_index)
         # differentiable context as leaves shared by every layer's recompute; each
         # autograd.grad call below returns one F or G's share of their gradient
@@ -520,6 +548,8 @@ class _ReversibleStack(torch.autograd.Function):
             o1, o2, do1, do2 = x1, x2, dx1, dx2
             del x1, x2, dx1, dx2
 
+        if ctx.input_sums is not None:  # one sync: the walk down ended where the forward began
+            a.verify(o1, o2, ctx.input_sums)
         # grads must match each input's dtype (autocast may leave the streams' grads in bf16)
         dx1 = do1.to(in_dtype) if ctx.needs_input_grad[0] else None
         dx2 = do2.to(in_dtype) if ctx.needs_input_grad[1] else None
