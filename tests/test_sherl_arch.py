@@ -43,6 +43,8 @@ MODELS = {  # arch -> (bare, causal LM, sequence classification)
     "llama": (LlamaModel, LlamaForCausalLM, LlamaForSequenceClassification),
 }
 HEADS = {"bare": 0, "causal": 1, "seq": 2}
+KEPT = {"preserve_start": True, "start_form": "out_proj"}  # the pre-trained starting point kept
+KEPT_SCALE = {"preserve_start": True, "start_form": "scale"}
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -116,10 +118,11 @@ def run(model, batch):
 # --- the early route: no gradient, no graph ----------------------------------------------
 
 
+@pytest.mark.parametrize("start", [{}, KEPT_SCALE])
 @pytest.mark.parametrize("head", ["bare", "causal", "seq"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_no_gradient_and_no_graph_in_the_early_route(arch, head):
-    model = tiny(arch, head, late_layers=1, dropout=0.1)
+def test_no_gradient_and_no_graph_in_the_early_route(arch, head, start):
+    model = tiny(arch, head, late_layers=1, dropout=0.1, **start)
     early = early_modules(model)
     tied = model.get_output_embeddings()
     tied = tied.weight if tied is not None else None
@@ -135,7 +138,10 @@ def test_no_gradient_and_no_graph_in_the_early_route(arch, head):
     assert all(p.grad is not None for p in side.parameters())
     # gradients flow THROUGH the frozen late layer into the side module (gate closed at init;
     # the deep feature's projection always gets a gradient, shallow ones when their score > 0)
-    assert side.projections[-1].linear.weight.grad.abs().sum() > 0 and side.gate.grad.abs() > 0
+    factor = side.gate if side.start_form is None else side.scale  # skip gate | side scale (0 at init)
+    assert factor.grad.abs() > 0
+    if side.start_form is None:  # a zero side scale passes no gradient back into the side module at init
+        assert side.projections[-1].linear.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in stack_of(model).layers[-1].parameters())
 
 
@@ -156,9 +162,10 @@ def _saved_storages(model, batch) -> dict[int, int]:
     return seen
 
 
-@pytest.mark.parametrize("arch, late_tuning", [(a, "frozen") for a in ARCHS] + [("bart", "lora"), ("llama", "adapter")])
-def test_nothing_from_inside_the_early_route_is_saved(arch, late_tuning):
-    model = tiny(arch, "seq", late_layers=1, dropout=0.1, late_tuning=late_tuning)
+@pytest.mark.parametrize("arch, late_tuning, start", [(a, "frozen", {}) for a in ARCHS] + [
+    ("bart", "lora", {}), ("llama", "adapter", {}), ("opt", "frozen", KEPT), ("llama", "lora", KEPT_SCALE)])
+def test_nothing_from_inside_the_early_route_is_saved(arch, late_tuning, start):
+    model = tiny(arch, "seq", late_layers=1, dropout=0.1, late_tuning=late_tuning, **start)
     stack = stack_of(model)
     internals, features, handles = [], [], []
 
@@ -185,14 +192,15 @@ def test_nothing_from_inside_the_early_route_is_saved(arch, late_tuning):
     assert feature_ptrs <= saved  # h_0..h_{N-k}: the projections' inputs, the early route's whole budget
 
 
+@pytest.mark.parametrize("start", [{}, KEPT, KEPT_SCALE])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_saved_bytes_per_early_layer_are_the_kept_features_only(arch):
+def test_saved_bytes_per_early_layer_are_the_kept_features_only(arch, start):
     batch = make_batch(arch, "seq", n=4, length=16)
     tokens = batch["input_ids"].numel()
     d, d_side = HIDDEN, HIDDEN // 2
     saved = {}
     for n in (3, 6):
-        model = tiny(arch, "seq", layers=n, late_layers=1)
+        model = tiny(arch, "seq", layers=n, late_layers=1, **start)
         model.train()
         saved[n] = sum(_saved_storages(model, batch).values())
     per_layer = (saved[6] - saved[3]) / 3
@@ -324,19 +332,22 @@ def test_outputs_finite_at_init(arch, head, late_tuning):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-@pytest.mark.parametrize("arch, head, late_tuning, eps, tol", [
-    ("opt", "causal", "lora", 1e-6, 1e-6), ("opt350", "seq", "adapter", 1e-6, 1e-6),
-    ("bart", "seq", "frozen", 1e-6, 1e-6),
+@pytest.mark.parametrize("arch, head, late_tuning, eps, tol, start", [
+    ("opt", "causal", "lora", 1e-6, 1e-6, {}), ("opt350", "seq", "adapter", 1e-6, 1e-6, {}),
+    ("bart", "seq", "frozen", 1e-6, 1e-6, {}), ("bart", "causal", "frozen", 1e-6, 1e-6, KEPT),
+    ("opt", "seq", "lora", 1e-6, 1e-6, KEPT_SCALE),
     # LlamaRMSNorm computes in float32 even in a float64 model (loss noise ~1e-7 relative):
     # wider steps and a float32-sized tolerance
-    ("llama", "causal", "lora", 1e-3, 1e-3),
+    ("llama", "causal", "lora", 1e-3, 1e-3, {}), ("llama", "seq", "frozen", 1e-3, 1e-3, KEPT),
 ])
-def test_side_gradients_match_finite_differences(arch, head, late_tuning, eps, tol):
-    model = tiny(arch, head, layers=3, late_layers=1, dtype=torch.float64, late_tuning=late_tuning, side_width=8)
+def test_side_gradients_match_finite_differences(arch, head, late_tuning, eps, tol, start):
+    model = tiny(arch, head, layers=3, late_layers=1, dtype=torch.float64, late_tuning=late_tuning, side_width=8,
+                 **start)
     model.eval()  # dropout off: a deterministic function of the parameters
     side = stack_of(model).side
-    with torch.no_grad():  # away from the init's special points: gate open, scores positive, B != 0
-        side.gate.fill_(0.05)
+    factor = {None: "gate", "scale": "scale", "out_proj": "out_proj.weight"}[side.start_form]
+    with torch.no_grad():  # away from the init's special points: gate/scale/out_proj != 0, scores > 0, B != 0
+        side.get_parameter(factor).normal_(0, 0.1).add_(0.05)
         side.fusion.score.bias.fill_(2.0)  # every shallow layer gets weight: a depends on w, b
         for m in model.modules():
             if hasattr(m, "lora_B"):
@@ -344,7 +355,7 @@ def test_side_gradients_match_finite_differences(arch, head, late_tuning, eps, t
     batch = make_batch(arch, head, n=3, length=6)
     labels = batch.pop("labels")  # our own float64 loss: HF's causal LM loss upcasts to float32 only
     prefix = LAYER_PREFIX[arch].rsplit(".", 1)[0] + ".side."
-    names = [prefix + n for n in ("gate", "fusion.score.weight", "fusion.score.bias", "out_proj.bias",
+    names = [prefix + n for n in (factor, "fusion.score.weight", "fusion.score.bias", "out_proj.bias",
                                   "out_norm.weight", "projections.0.linear.weight", "projections.2.layer_norm.bias")]
     if head == "seq":
         names.append(next(n for n, p in model.named_parameters() if n.startswith(HEAD_PREFIX[arch])))
@@ -467,3 +478,53 @@ def test_bf16_autocast_trains_with_the_fp32_result_close(arch):
         grads[bf16] = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
     assert torch.isfinite(grads[True]).all() and grads[True].shape == grads[False].shape
     assert (grads[True] - grads[False]).norm() <= 0.05 * grads[False].norm()
+
+
+# --- the kept starting point (preserve_start) ------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["out_proj", "scale"])
+@pytest.mark.parametrize("head", ["bare", "causal", "seq"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_preserve_start_outputs_equal_the_pretrained_model(arch, head, form):
+    """At init the late layers receive exactly h_{N-k}: the outputs (real tokens, right
+    padding in the batch) equal the unmodified model's, and the paper's form does not."""
+    batch = make_batch(arch, head)
+    plain = plain_model(arch, head).eval()
+    with torch.no_grad():
+        ref = plain(**batch, use_cache=False)
+        kept = tiny(arch, head, preserve_start=True, start_form=form).eval()(**batch)
+        paper = tiny(arch, head).eval()(**batch)
+    key = "last_hidden_state" if head == "bare" else "logits"
+    real = batch["attention_mask"].bool() if head != "seq" else slice(None)
+    torch.testing.assert_close(kept[key][real], ref[key][real], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(paper[key][real], ref[key][real], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("form", ["out_proj", "scale"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_preserve_start_learns_a_correction(arch, form):
+    """The correction starts at 0 yet trains: step 1 moves the zero-initialised factor, from
+    step 2 every projection gets a gradient and the outputs leave the pre-trained ones."""
+    batch = make_batch(arch)
+    model = tiny(arch, preserve_start=True, start_form=form, side_width=8)
+    side = stack_of(model).side
+    assert side.gate is None and "gate" not in dict(side.named_parameters())
+    zero = side.out_proj.weight if form == "out_proj" else side.scale
+    assert not zero.any()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with torch.no_grad():
+        before = model.eval()(**batch).logits
+    model.train()
+    for step in (1, 2):
+        opt.zero_grad()
+        run(model, batch)[1].backward()
+        grads = {n: p.grad for n, p in side.named_parameters() if n.startswith("projections.")}
+        if step == 1:
+            assert zero.grad.abs().sum() > 0 and all(not g.any() for g in grads.values() if g is not None)
+        else:
+            assert grads and all(g is not None and g.any() for n, g in grads.items() if n.endswith("weight"))
+        opt.step()
+    with torch.no_grad():
+        after = model.eval()(**batch).logits
+    assert not torch.allclose(after, before, atol=1e-4)

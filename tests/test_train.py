@@ -242,6 +242,9 @@ def test_sherl_skip_gate_is_reported(glue_root, tmp_path):
     res = run(compose(overrides, tmp_path / "run"))
     assert res["status"] == "completed" and -1 < res["diagnostics"]["sherl_skip_gate"] < 1
     assert read(tmp_path / "run")["diagnostics"] == res["diagnostics"]
+    kept = run(compose([*overrides[:-2], "optim.lr=1e-2", "method.preserve_start=true", "method.start_form=scale"],
+                       tmp_path / "kept"))  # the kept starting point reports its side scale α (0 at init)
+    assert kept["status"] == "completed" and kept["diagnostics"]["sherl_side_scale"] != 0.0
     plain = run(compose(["backbone=tiny_bert", "method=lora", "task=glue/rte", f"data.root={glue_root}", *SMOKE],
                         tmp_path / "lora"))
     assert plain["status"] == "completed" and "diagnostics" not in plain

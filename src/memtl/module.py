@@ -96,11 +96,11 @@ class FineTuneModule(L.LightningModule):
 
     def diagnostics(self) -> dict[str, float]:
         """Method state worth watching beside the metrics (logged at each evaluation, the
-        final values in results.json): SHERL's skip-gate opening tanh(g/T)."""
+        final values in results.json): SHERL's skip-gate opening or side-output scale."""
         from memtl.methods.sherl.side import SideModule
 
         sides = [m for m in self.model.modules() if isinstance(m, SideModule)]
-        return {"sherl_skip_gate": sides[0].skip_gate()} if sides else {}
+        return sides[0].diagnostics() if sides else {}
 
     # -- optimisation ------------------------------------------------------------------
     def configure_optimizers(self):

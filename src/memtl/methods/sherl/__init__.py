@@ -32,11 +32,19 @@ Options:
   ``z = (fc2 x + x)·sigmoid(fc3 x)``.
 - ``gate_temperature``: T of the skip gate ``tanh(g/T)`` (authors: 0.1; g starts at 0).
   Training logs the gate's opening as ``sherl/skip_gate`` at each evaluation, and
-  results.json keeps the final value (``diagnostics.sherl_skip_gate``).
+  results.json keeps the final value (``diagnostics.sherl_skip_gate``; with
+  ``preserve_start``: ``sherl_side_scale`` or ``sherl_out_proj_rms``, see below).
 - ``gate_init``: the gate's opening tanh(g/T) at init, in (-1, 1). 0 (closed) is DESIGN §2
   and the authors' setting: the late layers start from the side network's output alone.
   A value near 1 makes SHERL start from the pre-trained function plus the side output
   (an experiment beside the paper's method, not SHERL as specified).
+- ``preserve_start``: keep the pre-trained starting point (DESIGN §2 "Starting point"):
+  the late layers receive exactly h_{N−k} at init, so the model's outputs equal the
+  pre-trained model's, and the side module learns a correction added to it (skip weight
+  1, no gate; ``gate_temperature``/``gate_init`` then do not apply). ``start_form`` says
+  how the correction starts at 0: ``out_proj`` (the output block's Linear zero at init and
+  last, its LayerNorm before it) or ``scale`` (the paper's block times a learnable scalar
+  initialised to 0). The chosen default and the measurements behind it are in RESULTS.
 - ``late_tuning``: ``frozen`` (authors' default: the late layers stay frozen, gradients
   flow through them into the side module), ``lora`` (LoRA on their attention query/value,
   rank ``late_lora_r``, scale ``late_lora_alpha/late_lora_r``, B = 0 at init) or
@@ -73,7 +81,7 @@ from memtl.methods import architecture_installer, register_method
 from memtl.methods.bert_family import unfreeze_head
 from memtl.methods.sherl.bert import SherlEncoder
 from memtl.methods.sherl.late import add_adapters, add_lora
-from memtl.methods.sherl.side import PROJECTIONS, AntiRedundancyFusion, SideModule
+from memtl.methods.sherl.side import PROJECTIONS, START_FORMS, AntiRedundancyFusion, SideModule
 
 __all__ = ["SherlOptions", "SherlEncoder", "SideModule", "AntiRedundancyFusion", "apply_sherl"]
 
@@ -106,6 +114,8 @@ class SherlOptions:
     projection: str = "linear"
     gate_temperature: float = 0.1
     gate_init: float = 0.0  # tanh(g/T) at init; 0 = closed (DESIGN §2)
+    preserve_start: bool = False  # late layers receive exactly h_{N-k} at init
+    start_form: str = "out_proj"  # how the side correction starts at 0 (preserve_start)
     late_tuning: str = "frozen"
     late_lora_r: int = 8
     late_lora_alpha: float = 16
@@ -129,6 +139,13 @@ class SherlOptions:
         if not _is_number(self.gate_init) or not -1 < self.gate_init < 1:
             raise ConfigError(f"method.gate_init={self.gate_init}: the skip gate's opening tanh(g/T) at init "
                               "must be in (-1, 1); 0 = closed (DESIGN §2)")
+        if not isinstance(self.preserve_start, bool):
+            raise ConfigError(f"method.preserve_start={self.preserve_start!r}: must be true or false")
+        if self.start_form not in START_FORMS:
+            raise ConfigError(f"method.start_form={self.start_form!r}: choose one of {', '.join(START_FORMS)}")
+        if self.preserve_start and self.gate_init != 0:
+            raise ConfigError(f"method.gate_init={self.gate_init} with method.preserve_start=true: the kept "
+                              "starting point has no gate (skip weight 1); leave gate_init at 0")
         if self.late_tuning not in LATE_TUNING:
             raise ConfigError(f"method.late_tuning={self.late_tuning!r}: choose one of {', '.join(LATE_TUNING)}")
         if not _is_int(self.late_lora_r) or self.late_lora_r < 1:
@@ -164,8 +181,11 @@ def apply_sherl(model: nn.Module, opts: SherlOptions) -> nn.Module:
     dropout = hidden_dropout(model.config) if opts.dropout is None else opts.dropout
     backbone, side, late = install(model, opts.late_layers, opts.side_width, opts.projection, dropout,
                                    float(opts.gate_temperature), opts.gradient_checkpointing)
-    with torch.no_grad():  # g = T·atanh(opening): tanh(g/T) starts at gate_init
-        side.gate.fill_(float(opts.gate_temperature) * math.atanh(float(opts.gate_init)))
+    if opts.preserve_start:
+        side.keep_pretrained_start(opts.start_form)
+    else:
+        with torch.no_grad():  # g = T·atanh(opening): tanh(g/T) starts at gate_init
+            side.gate.fill_(float(opts.gate_temperature) * math.atanh(float(opts.gate_init)))
     side.requires_grad_(True)  # ... except the side module ...
     model_type = model.config.model_type
     for layer in late:  # ... the late-layer LoRA/adapters ...

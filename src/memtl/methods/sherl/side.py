@@ -4,6 +4,12 @@
     u   = AntiRedundancyFusion(z_0..z_{L-1}, z_L)
     out = Dropout(LayerNorm(Linear(ReLU(u)))) + tanh(g / T) * h_L
 
+With the pre-trained starting point kept (``keep_pretrained_start``, DESIGN §2 "Starting
+point") the skip weight is 1 and the side output starts at exactly 0:
+
+    out_proj form:  out = h_L + Dropout(Linear_0(LayerNorm(ReLU(u))))    (Linear_0 zero at init)
+    scale form:     out = h_L + α · Dropout(LayerNorm(Linear(ReLU(u))))   (scalar α, 0 at init)
+
 Every operation works per token, so padded positions never mix with real ones here (the
 late layers' attention masks them out afterwards).
 """
@@ -47,6 +53,9 @@ class GatedProjection(nn.Module):
 
 
 PROJECTIONS = {"linear": LinearProjection, "gated": GatedProjection}
+
+#: how the side output starts at 0 when the pre-trained starting point is kept
+START_FORMS = ("out_proj", "scale")
 
 
 class _FusionFunction(torch.autograd.Function):
@@ -171,11 +180,38 @@ class SideModule(nn.Module):
         self.temperature = temperature
         # recompute each projection in backward, from its input h_i alone (gradient checkpointing)
         self.checkpoint_projections = False
+        self.start_form: str | None = None  # None: the paper's gated skip; else keep_pretrained_start's form
 
-    def skip_gate(self) -> float:
-        """How open the skip from h_L is, tanh(g/T) in [-1, 1] (0 at init): how much of the
-        pre-trained deep feature the late layers see beside the side network's output."""
-        return float(torch.tanh(self.gate.detach().float() / self.temperature))
+    def keep_pretrained_start(self, form: str) -> None:
+        """Start from the pre-trained function: the late layers receive exactly h_L at init
+        (skip weight 1, no gate) plus a side output that is 0 at init and learns a correction.
+
+        ``out_proj``: the output block's Linear starts at zero and comes last, its LayerNorm
+        moves before it (a LayerNorm after a zero vector has no gradient); the correction can
+        grow as fast as a LoRA update (every weight moves at the learning rate).
+        ``scale``: the block stays as the paper's and its output is multiplied by a learnable
+        scalar α = 0 (the correction grows at most by the learning rate per step).
+        """
+        kw = {"dtype": self.out_proj.weight.dtype, "device": self.out_proj.weight.device}
+        self.start_form = form
+        self.gate = None  # the skip weight is a constant 1
+        if form == "out_proj":
+            self.out_norm = nn.LayerNorm(self.out_proj.in_features, eps=self.out_norm.eps, **kw)
+            nn.init.zeros_(self.out_proj.weight)
+            nn.init.zeros_(self.out_proj.bias)
+        else:
+            self.scale = nn.Parameter(torch.zeros((), **kw))
+
+    def diagnostics(self) -> dict[str, float]:
+        """What to watch while training: the paper's skip-gate opening tanh(g/T) (0 at init:
+        how much of the pre-trained h_L the late layers see beside the side output), or,
+        with the starting point kept, how far the correction has moved from 0: the scale
+        form's α, or the RMS of the out_proj form's output weight."""
+        if self.start_form is None:
+            return {"sherl_skip_gate": float(torch.tanh(self.gate.detach().float() / self.temperature))}
+        if self.start_form == "scale":
+            return {"sherl_side_scale": float(self.scale.detach())}
+        return {"sherl_out_proj_rms": float(self.out_proj.weight.detach().float().square().mean().sqrt())}
 
     def project(self, i: int, h: torch.Tensor) -> torch.Tensor:
         if self.checkpoint_projections and self.training and torch.is_grad_enabled():
@@ -190,8 +226,12 @@ class SideModule(nn.Module):
         deep = zs.pop()
         shallow = torch.stack(zs, dim=-2)  # (batch, seq, L, d')
         zs.clear()
-        u = self.fusion(shallow, deep)
-        out = self.dropout(self.out_norm(self.out_proj(torch.relu(u))))
+        u = torch.relu(self.fusion(shallow, deep))
+        if self.start_form == "out_proj":
+            return h_last + self.dropout(self.out_proj(self.out_norm(u)))
+        out = self.dropout(self.out_norm(self.out_proj(u)))
+        if self.start_form == "scale":
+            return h_last + self.scale * out
         return out + torch.tanh(self.gate / self.temperature) * h_last
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
