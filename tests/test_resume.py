@@ -61,7 +61,7 @@ def test_sigterm_mid_epoch_then_the_same_command_resumes(glue_root, tmp_path, mo
     assert first["status"] == "interrupted" and first["trainer"]["global_step"] == 3  # mid-epoch 0 (5 batches)
     assert first["last_checkpoint"] == str(out / "checkpoints" / "last.ckpt")
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 3 and "backbone" in ckpt["memtl"]["contents"]
+    assert ckpt["global_step"] == 3 and "rerun the same command" in ckpt["memtl"]["contents"]
     assert sum(v.numel() for v in ckpt["state_dict"].values()) == first["params"]["trainable"]
 
     proc = run_cli(command)  # the very same command
@@ -109,3 +109,20 @@ def test_resume_refuses_other_settings_and_never_starts_over(glue_root, tmp_path
     assert (tmp_path / "results.json").read_text() == before  # nothing moved or lost
     res = run(compose([*common, "optim.lr=2e-3", "resume=never"], tmp_path))
     assert res["status"] == "completed" and res["resumed"] is None and res["trainer"]["global_step"] == 10
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(glue_root, tmp_path):
+    """The W&B run id is kept in the run folder; the resumed part logs to the same run
+    (read back from the offline run files)."""
+    from test_train import _wandb_run
+
+    common = ["method=lora", f"data.root={glue_root}", *ARGS, "logger=wandb", *stop_once(2, tmp_path / "m", "crash")]
+    with pytest.raises(RuntimeError):
+        run(compose(common, tmp_path))
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    assert run(compose(common, tmp_path))["status"] == "completed"
+    files = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and all(f.parent.name.endswith(run_id) for f in files)
+    assert [_wandb_run(f)[0].run_id for f in files] == [run_id, run_id]
+    run(compose(common, tmp_path))  # the same command after completion: a new run into the same folder
+    assert (tmp_path / "wandb_run_id").read_text().strip() != run_id  # ... and a new W&B run

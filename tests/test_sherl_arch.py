@@ -165,7 +165,8 @@ def _saved_storages(model, batch) -> dict[int, int]:
 @pytest.mark.parametrize("arch, late_tuning, start", [(a, "frozen", {}) for a in ARCHS] + [
     ("bart", "lora", {}), ("llama", "adapter", {}), ("opt", "frozen", KEPT), ("llama", "lora", KEPT_SCALE)])
 def test_nothing_from_inside_the_early_route_is_saved(arch, late_tuning, start):
-    model = tiny(arch, "seq", late_layers=1, dropout=0.1, late_tuning=late_tuning, **start)
+    # recompute_side=False: the hooks then see the side module's saves (a checkpoint keeps its own)
+    model = tiny(arch, "seq", late_layers=1, dropout=0.1, late_tuning=late_tuning, recompute_side=False, **start)
     stack = stack_of(model)
     internals, features, handles = [], [], []
 
@@ -200,7 +201,7 @@ def test_saved_bytes_per_early_layer_are_the_kept_features_only(arch, start):
     d, d_side = HIDDEN, HIDDEN // 2
     saved = {}
     for n in (3, 6):
-        model = tiny(arch, "seq", layers=n, late_layers=1, **start)
+        model = tiny(arch, "seq", layers=n, late_layers=1, recompute_side=False, **start)
         model.train()
         saved[n] = sum(_saved_storages(model, batch).values())
     per_layer = (saved[6] - saved[3]) / 3
@@ -296,12 +297,12 @@ def test_late_layers_must_leave_an_early_layer(arch, k):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_double_application_and_kv_cache_are_refused(arch):
+def test_double_application_and_a_kv_cache_with_gradients_are_refused(arch):
     model = tiny(arch, "causal")
     with pytest.raises(ConfigError, match="already has SHERL applied"):
         apply_method(model, "sherl")
     batch = make_batch(arch, "bare")
-    with pytest.raises(ConfigError, match="KV cache is not supported.*use_cache=False") as e:
+    with pytest.raises(ConfigError, match="KV cache is for inference only.*torch.no_grad.*use_cache=False") as e:
         model(**batch, use_cache=True)
     assert "\n" not in str(e.value)
     model.eval()
@@ -388,21 +389,28 @@ def test_side_gradients_match_finite_differences(arch, head, late_tuning, eps, t
         assert numeric == pytest.approx(analytic, rel=tol, abs=tol * 1e-2), sorted(v)
 
 
+@pytest.mark.parametrize("recompute", ["gradient_checkpointing", "recompute_side"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_gradient_checkpointing_gives_the_same_gradients_with_dropout(arch):
-    def grads(ckpt):
-        model = tiny(arch, "seq", dropout=0.1, late_layers=2, gradient_checkpointing=ckpt, dtype=torch.float64,
-                     late_tuning="lora")
+def test_gradient_checkpointing_gives_the_same_gradients_with_dropout(arch, recompute):
+    """Checkpointing (side module and late layers) and recompute_side (the side module only)
+    recompute what they should, and the gradients equal the plain run's, dropout on."""
+    def grads(on):
+        model = tiny(arch, "seq", dropout=0.1, late_layers=2, dtype=torch.float64, late_tuning="lora",
+                     **{"recompute_side": False, recompute: on})
         model.train()
         stack = stack_of(model)
         calls = []
         stack.layers[-1].register_forward_hook(lambda *a: calls.append(1))  # outside the checkpoint
         inner = stack.layers[-1].self_attn  # inside it: runs again in backward when recomputed
         inner.register_forward_hook(lambda *a: calls.append(2))
+        stack.side.projections[0].register_forward_hook(lambda *a: calls.append(3))
+        stack.side.out_proj.register_forward_hook(lambda *a: calls.append(4))
         torch.manual_seed(123)  # same dropout masks in both runs (checkpoint replays the RNG)
         _, loss = run(model, make_batch(arch))
         loss.backward()
-        assert calls.count(1) == 1 and calls.count(2) == (2 if ckpt else 1)
+        late = on and recompute == "gradient_checkpointing"
+        assert calls.count(1) == 1 and calls.count(2) == (2 if late else 1)
+        assert calls.count(4) == calls.count(3) == (2 if on else 1)  # the side module runs again in backward
         return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
     plain, ckpt = grads(False), grads(True)

@@ -12,7 +12,8 @@ from test_meft import encoder as meft_encoder
 from test_meft import make_batch
 from test_train import SMOKE, read
 
-from memtl.backbones import load_model, load_tokenizer
+import memtl
+from memtl.backbones import load_tokenizer
 from memtl.data.glue import Collate, GlueDataModule, SiameseSplit, TokenizedSplit, read_glue_split
 from memtl.methods import apply_method
 from memtl.run import run
@@ -116,16 +117,11 @@ def test_siamese_run_end_to_end(method, glue_root, tmp_path):
     assert set(on_disk["metrics"]) == {"accuracy", "f1"} and on_disk["trainer"]["global_step"] == 3
     assert on_disk["memory"]["peak_step_bytes"] > 0
     assert on_disk["config"]["data"]["pair_encoding"] == "siamese"
-    # the checkpoint reloads as its note says: strip 'model.', load into the rebuilt SiameseModel
+    # the run's model/ folder loads as the siamese pair model with the best checkpoint's weights
     ckpt = torch.load(res["checkpoint"], map_location="cpu", weights_only=False)
-    assert "SiameseModel" in ckpt["memtl"]["contents"]
-    conf = ckpt["memtl"]["config"]
-    torch.manual_seed(conf["seed"])  # the random tiny backbone is rebuilt from its seed
-    hf = siamese_head(load_model(conf["backbone"], 2, load_tokenizer(conf["backbone"])))
-    opts = {k: v for k, v in conf["method"].items() if k not in ("name", "lr")}
-    restored = SiameseModel(apply_method(hf, method, **opts))
+    assert "memtl.from_pretrained" in ckpt["memtl"]["contents"]
+    restored = memtl.from_pretrained(res["model_dir"])
+    assert isinstance(restored, SiameseModel)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
-    missing, unexpected = restored.load_state_dict(state, strict=False)
-    assert not unexpected and state and not set(state) & set(missing)
-    trained = {k: v for k, v in restored.state_dict().items() if k in state}
-    assert all(torch.equal(trained[k], v) for k, v in state.items())
+    trained = restored.state_dict()
+    assert state and all(torch.equal(trained[k], v) for k, v in state.items())

@@ -151,14 +151,24 @@ def load_model(backbone: Mapping[str, Any], num_labels: int = 2, tokenizer=None,
                 kwargs.setdefault("decoder_start_token_id", kwargs.get("eos_token_id"))  # BART's convention
         config = cfg_cls(**kwargs)
         _check_head(auto, config, backbone, head)
-        return auto.from_config(config)
+        return _stamp(auto.from_config(config), backbone, head)
     path = resolve_path(backbone)
     if backbone.get("gguf_file"):
         kwargs["gguf_file"] = backbone["gguf_file"]
     if tokenizer is not None and tokenizer.pad_token_id is not None and head == "sequence_classification":
         # decoders classify from the last non-pad token: the config must know the pad id
         kwargs["pad_token_id"] = tokenizer.pad_token_id
-    return _from_pretrained(auto, path, backbone, **kwargs)
+    return _stamp(_from_pretrained(auto, path, backbone, **kwargs), backbone, head)
+
+
+def _stamp(model: nn.Module, backbone: Mapping[str, Any], head: str) -> nn.Module:
+    """Where the model came from, for memtl.save_pretrained's manifest."""
+    from omegaconf import DictConfig, OmegaConf
+
+    entry = OmegaConf.to_container(backbone, resolve=True) if isinstance(backbone, DictConfig) else dict(backbone)
+    model.memtl_backbone = {k: v for k, v in entry.items() if k in ("name", "source", "path", "gguf_file", "model_type")}
+    model.memtl_head = head
+    return model
 
 
 def _check_head(auto, config, backbone, head: str) -> None:

@@ -40,6 +40,7 @@ METHOD_SPECS = {
     "meft2+float": ("meft2", {"inverse": "float"}),
     "meft3+float": ("meft3", {"inverse": "float"}),
     "sherl": ("sherl", {}),
+    "sherl+keep": ("sherl", {"recompute_side": False}),  # the side module's activations kept (authors' code)
     "sherl+ckpt": ("sherl", {"gradient_checkpointing": True}),
     "head": ("head", {}),  # linear probe: only the task head trains
 }

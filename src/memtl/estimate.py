@@ -150,6 +150,7 @@ class Method:
     bottleneck: int = 8  # MEFT adapters
     late_layers: int = 1  # SHERL k
     side_width: int | None = None  # SHERL d' (None: hidden/2)
+    recompute_side: bool = True  # SHERL: the side module recomputed in backward (implied by ckpt)
     inverse: str = "exact"  # MEFT: exact (fixed-point streams) | float
 
 
@@ -158,7 +159,8 @@ METHODS = {
     "lora+ckpt": Method("lora", ckpt=True), "meft1": Method("meft1"), "meft2": Method("meft2"),
     "meft3": Method("meft3"), "meft1+float": Method("meft1", inverse="float"),
     "meft2+float": Method("meft2", inverse="float"), "meft3+float": Method("meft3", inverse="float"),
-    "sherl": Method("sherl"), "sherl+ckpt": Method("sherl", ckpt=True),
+    "sherl": Method("sherl"), "sherl+keep": Method("sherl", recompute_side=False),
+    "sherl+ckpt": Method("sherl", ckpt=True),
 }
 
 
@@ -546,16 +548,18 @@ def simulate(g: Geometry, m: Method, B: int, S: int, amp: bool = False, cuda: bo
 def _sherl_encoder(net: Net, g: Geometry, m: Method, h0: T, B: int, S: int) -> T:
     """Early route without a graph (its features kept for the side module), side module,
     late layers with autograd (frozen weights). ``m.ckpt``: side module and late layers
-    checkpointed, each projection checkpointed on its own inside."""
+    checkpointed, each projection checkpointed on its own inside; ``m.recompute_side``:
+    the side module alone."""
     d, s, n = g.hidden, side_width(g, m), B * S
     feats, h = [h0], h0
     for _ in range(g.layers - m.late_layers):
         h = net.bert_layer(h, g, B, S, train=False)  # no grad flows: nothing saved
         feats.append(h)
-    side = (100,) if m.ckpt else ()
+    recompute = m.ckpt or m.recompute_side
+    side = (100,) if recompute else ()
     zs = []
     for i, f in enumerate(feats):
-        net.seg = side + ((101 + i,) if m.ckpt else ())
+        net.seg = side + ((101 + i,) if recompute else ())
         zs.append(net.layernorm(net.linear(f, d, s, train=True), s, train=True))
     net.seg = side
     L = len(zs) - 1

@@ -133,11 +133,9 @@ class FineTuneModule(L.LightningModule):
         trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["memtl"] = {
-            "contents": "trainable weights only (+ optimizer/scheduler/loop state); to use them, rebuild the "
-            "model from `config` (load the backbone, then memtl.apply_method(model, method.name, **options)), "
-            "strip the 'model.' prefix from the state_dict keys and load_state_dict(state_dict, strict=False) "
-            "(data.pair_encoding=siamese: into memtl.siamese.SiameseModel(apply_method(siamese_head(model), ...))); "
-            "to resume training, rerun the same command into the same output folder",
+            "contents": "trainable weights only (+ optimizer/scheduler/loop state), to resume training: rerun the "
+            "same command into the same output folder. To use the trained model, load the run's model/ folder "
+            "(a completed run writes its best weights there): memtl.from_pretrained('<run>/model')",
             "trainable_keys": len(checkpoint["state_dict"]),
             "config": self.run_config,
             # what a resumed run needs to continue exactly where this one stands

@@ -76,9 +76,10 @@ def preflight(argv: list[str], conf_dir: Path, config_name: str = "train") -> No
             message += " (the submitit launcher is an optional extra: pip install -e '.[cluster]')"
         raise ConfigError(message) from None
 
-    from memtl.run import validate
+    if config_name == "train":
+        from memtl.run import validate
 
-    validate(cfg)
+        validate(cfg)
     m = next((i for i, a in enumerate(argv) if a in multirun), None)
     if m is not None and 0 < m < len(argv) - 1:  # Hydra's argparse takes one run of overrides
         raise ConfigError(f"{argv[m]} in the middle of the overrides: put it first (python train.py -m key=a,b ...)")

@@ -142,7 +142,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     trainer = module = monitor = None
     try:
-        trainer, module, datamodule, monitor, params = build(cfg)
+        trainer, module, datamodule, monitor, params = build(cfg, resuming=resume is not None)
         results["params"] = params
         write_results(output_dir, results)
         if cfg.get("eval_before") and not resume:
@@ -168,6 +168,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results["status"] = "interrupted" if trainer.interrupted else "completed"
         if results["status"] == "completed":
             finish_last_checkpoint(trainer)
+            if output_dir is not None:
+                results["model_dir"] = str(save_run_model(trainer, module, datamodule, cfg, results, monitor))
     except (KeyboardInterrupt, SystemExit) as e:
         # SIGTERM (Lightning stops after the batch, last.ckpt saved) or Ctrl-C (Lightning exits)
         sigterm = trainer is not None and trainer.received_sigterm
@@ -210,6 +212,44 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             _log_summary(trainer, results)
         write_results(output_dir, results)
     return results
+
+
+def save_run_model(trainer, module, datamodule, cfg: DictConfig, results: dict[str, Any], monitor) -> Path:
+    """``<run>/model``: the best checkpoint's weights (the last ones without a checkpoint) as
+    a ``memtl.save_pretrained`` folder, with the tokenizer and a model card."""
+    import torch
+
+    from memtl.pretrained import save_pretrained
+
+    best = getattr(trainer.checkpoint_callback, "best_model_path", None)
+    if best:
+        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        trainable = {f"model.{n}" for n, p in module.model.named_parameters() if p.requires_grad}
+        if unexpected or trainable & set(missing):
+            raise RunError(f"{best} does not fit the trained model ({len(unexpected)} unexpected, "
+                           f"{len(trainable & set(missing))} missing weights): rerun with resume=never")
+    best_metrics = {k: round(v, 4) for k, v in ((module.best or {}).get("metrics") or {}).items()}
+    memory = (monitor.summary()["memory"]["peak_step_mib"] if monitor is not None else None)
+    card = {"task": f"{cfg.task.name} ({d_protocol(cfg)} protocol)",
+            "dev": ", ".join(f"{k} {v}" for k, v in best_metrics.items()) or None,
+            "peak_step_memory": f"{memory:.0f} MiB" if memory else None,
+            "command": _command()}
+    training = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+                if k in ("seed", "backbone", "method", "task", "data", "trainer")}
+    return save_pretrained(module.model, Path(str(cfg.paths.output_dir)) / "model",
+                           tokenizer=getattr(datamodule, "tokenizer", None), card=card, training=training)
+
+
+def _command() -> str | None:
+    """The command line that trained this run (Hydra's overrides), for the model card."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = HydraConfig.get().overrides.task
+    except (ImportError, ValueError):
+        return None
+    return "python train.py " + " ".join(overrides)
 
 
 def majority_baseline(datamodule) -> dict | None:
@@ -330,14 +370,14 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def build(cfg: DictConfig):
-    """Tokenizer, data, model + method, module, callbacks, loggers and trainer."""
+def build(cfg: DictConfig, resuming: bool = False):
+    """Tokenizer, data, model + method, module, callbacks, loggers and trainer. ``resuming``:
+    the run continues an unfinished one in its folder (W&B: the same run)."""
     import hydra
     import lightning as L
 
-    from memtl.backbones import load_model, load_tokenizer, max_positions, model_type, qa_head
+    from memtl.backbones import load_model, load_tokenizer, max_positions
     from memtl.callbacks import MemoryMonitor, NonFiniteGuard
-    from memtl.data import GlueDataModule, QADataModule, get_task
     from memtl.methods import apply_method, count_parameters
     from memtl.module import FineTuneModule
     from memtl.scoring import MultipleChoiceModel
@@ -345,22 +385,10 @@ def build(cfg: DictConfig):
 
     _quiet_duplicate_logs()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    task = get_task(cfg.task.name, cfg.task.get("main_metric"), cfg.task.get("length_norm"))
-    qa = getattr(task, "family", "glue") == "qa"
-    # GLUE: a sequence-classification head; QA: the LM head (decoders, BART) or a multiple-choice head
-    head = qa_head(model_type(cfg.backbone)) if qa else "sequence_classification"
     tokenizer = load_tokenizer(cfg.backbone)
+    task, head, datamodule = build_data(cfg, tokenizer)
+    qa = getattr(task, "family", "glue") == "qa"
     d = cfg.data
-    common = dict(task=task, tokenizer=tokenizer, root=d.root, max_length=d.max_length, batch_size=d.batch_size,
-                  eval_batch_size=d.eval_batch_size, max_train_samples=d.max_train_samples,
-                  max_eval_samples=d.max_eval_samples, group_by_length=d.group_by_length,
-                  num_workers=d.num_workers, seed=cfg.seed, protocol=d.protocol)
-    if qa:
-        datamodule = QADataModule(head=head, **common)
-    else:
-        datamodule = GlueDataModule(cache_dir=d.cache_dir, split_seed=d.split_seed,
-                                    pair_encoding=d.get("pair_encoding", "cross"), **common)
-    datamodule.prepare_data()  # missing or malformed data fails here, before the model is loaded
 
     model = load_model(cfg.backbone, task.num_labels, tokenizer, head=head)
     limit = max_positions(model)
@@ -391,14 +419,60 @@ def build(cfg: DictConfig):
     for lg in (cfg.get("logger") or {}).values():
         if lg is None or "_target_" not in lg:
             continue  # settings for a logger not selected (a sweep's logger.wandb.group under logger=csv)
-        if group and "WandbLogger" in str(lg.get("_target_")) and lg.get("group") is None:
-            lg = OmegaConf.merge(lg, {"group": group})  # one W&B group per sweep
+        if "WandbLogger" in str(lg.get("_target_")):
+            if group and lg.get("group") is None:
+                lg = OmegaConf.merge(lg, {"group": group})  # one W&B group per sweep
+            if lg.get("id") is None:  # a resumed run continues its W&B run
+                lg = OmegaConf.merge(lg, {"id": wandb_run_id(cfg.paths.output_dir, resuming)})
         loggers.append(hydra.utils.instantiate(lg))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
         lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "params": params})
     monitor = next((c for c in callbacks if isinstance(c, MemoryMonitor)), None)
     return trainer, module, datamodule, monitor, params
+
+
+def build_data(cfg: DictConfig, tokenizer):
+    """The task, the model head it needs and its data module (prepared: missing or malformed
+    data fails here, before a model is loaded)."""
+    from memtl.backbones import model_type, qa_head
+    from memtl.data import GlueDataModule, QADataModule, get_task
+
+    task = get_task(cfg.task.name, cfg.task.get("main_metric"), cfg.task.get("length_norm"))
+    qa = getattr(task, "family", "glue") == "qa"
+    # GLUE: a sequence-classification head; QA: the LM head (decoders, BART) or a multiple-choice head
+    head = qa_head(model_type(cfg.backbone)) if qa else "sequence_classification"
+    d = cfg.data
+    common = dict(task=task, tokenizer=tokenizer, root=d.root, max_length=d.max_length, batch_size=d.batch_size,
+                  eval_batch_size=d.eval_batch_size, max_train_samples=d.max_train_samples,
+                  max_eval_samples=d.max_eval_samples, group_by_length=d.group_by_length,
+                  num_workers=d.num_workers, seed=cfg.seed, protocol=d.protocol)
+    if qa:
+        datamodule = QADataModule(head=head, **common)
+    else:
+        datamodule = GlueDataModule(cache_dir=d.cache_dir, split_seed=d.split_seed,
+                                    pair_encoding=d.get("pair_encoding", "cross"), **common)
+    datamodule.prepare_data()
+    return task, head, datamodule
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(output_dir: str, resuming: bool) -> str:
+    """The W&B run id of the run in ``output_dir``: when resuming, the one kept there by the
+    earlier part of this run (so it continues the same W&B run); else a new one, kept for
+    a later resume."""
+    path = Path(str(output_dir)) / WANDB_ID_FILE
+    if resuming and path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    import secrets
+    import string
+
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id form
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
 
 
 def _sweep_group() -> str | None:

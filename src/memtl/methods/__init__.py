@@ -67,7 +67,10 @@ def apply_method(model: nn.Module, name: str, **options: Any) -> nn.Module:
     """
     opts = method_options(name, **options)
     fn, _ = _REGISTRY[name]
-    return fn(model, opts)
+    model = fn(model, opts)
+    # what memtl.save_pretrained records, so that from_pretrained can rebuild the model
+    model.memtl_method = {"name": name, "options": dataclasses.asdict(opts)}
+    return model
 
 
 def architecture_installer(model: nn.Module, package: str, architectures: dict[str, str], method: str):

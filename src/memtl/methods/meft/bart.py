@@ -43,7 +43,8 @@ it); k may be at most the larger stack's depth. ``inverse`` (exact | float) appl
 both stacks alike; both expose it and ``num_rev_layers`` for experiments.
 Adapter dropout defaults to BART's ``config.dropout``.
 
-Not supported: KV caches (generation needs ``use_cache=False``), LayerDrop (never applied),
+Generation: the decoder takes HF's KV cache without gradients (``generate()``); with
+gradients on a cache raises. Not supported: LayerDrop (never applied),
 ``output_hidden_states``/``output_attentions`` (the HF hooks target the replaced layers:
 nothing is recorded), the decoder-only ``BartForCausalLM``.
 """
@@ -52,6 +53,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPastAndCrossAttentions
 from transformers.models.bart.modeling_bart import BartModel
@@ -93,11 +95,13 @@ class BartMeftLayer(MeftLayer):
             h = h + adapter(h)  # sequential on the projection, as in the BERT version
         return norm(x + h)
 
-    def attention_block(self, x: torch.Tensor, mask=None, encoder_hidden_states=None, encoder_mask=None):
-        h = self._attend(self.self_attn, self.self_attn_layer_norm, self.attn_adapter, x, attention_mask=mask)
+    def attention_block(self, x: torch.Tensor, mask=None, encoder_hidden_states=None, encoder_mask=None,
+                        cache=None):
+        h = self._attend(self.self_attn, self.self_attn_layer_norm, self.attn_adapter, x, attention_mask=mask,
+                         cache=cache)
         if self.encoder_attn is not None:
             h = self._attend(self.encoder_attn, self.encoder_attn_layer_norm, self.cross_attn_adapter, h,
-                             key_value_states=encoder_hidden_states, attention_mask=encoder_mask)
+                             key_value_states=encoder_hidden_states, attention_mask=encoder_mask, cache=cache)
         return h
 
     def feed_forward_block(self, h: torch.Tensor) -> torch.Tensor:
@@ -157,7 +161,9 @@ class MeftBartEncoder(_MeftBartStack):
 
 
 class MeftBartDecoder(_MeftBartStack):
-    """Drop-in for ``BartDecoder`` (same call signature and output), without KV cache."""
+    """Drop-in for ``BartDecoder`` (same call signature and output). HF's KV cache works
+    without gradients (``generate()``); with gradients on it raises (the reversible backward
+    runs each attention again)."""
 
     label = "decoder"
 
@@ -165,27 +171,34 @@ class MeftBartDecoder(_MeftBartStack):
                 encoder_attention_mask=None, past_key_values=None, inputs_embeds=None, use_cache=None,
                 **kwargs) -> BaseModelOutputWithPastAndCrossAttentions:
         # transformers >= 5.24 passes the cache as ``cache`` and builds it inside the decoder from use_cache
-        if use_cache or past_key_values is not None or kwargs.get("cache") is not None:
-            raise ValueError("MEFT BART decoder: KV caches are not supported; pass use_cache=False "
-                             "(e.g. generate(..., use_cache=False))")
+        cache = kwargs.get("cache") if kwargs.get("cache") is not None else past_key_values
+        if use_cache or cache is not None:
+            if torch.is_grad_enabled():
+                raise ValueError("MEFT BART decoder: a KV cache is for inference only (the reversible backward runs "
+                                 "each attention again); call it under torch.no_grad() (as generate() does) or "
+                                 "with use_cache=False")
+            if cache is None:
+                cache = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
         if encoder_hidden_states is None:
             raise ValueError("MEFT BART decoder: encoder_hidden_states is required (decoder-only use is not supported)")
         _check_ids(input_ids, inputs_embeds, "decoder_")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch, length = inputs_embeds.shape[:2]
-        position_ids = torch.arange(length, device=inputs_embeds.device)
+        past = cache.get_seq_length() if cache is not None else 0
+        position_ids = torch.arange(past, past + length, device=inputs_embeds.device)
         if attention_mask is None:
-            attention_mask = torch.ones(batch, length, device=inputs_embeds.device)
-        self_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, None)  # None: no cache (by
-        # position, as transformers 5.24 renamed the argument past_key_values -> cache)
+            attention_mask = torch.ones(batch, past + length, device=inputs_embeds.device)
+        self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        # passed by position, as transformers 5.24 renamed the argument past_key_values -> cache
+        self_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, self_cache)
         cross_mask = create_bidirectional_mask(config=self.config, inputs_embeds=inputs_embeds,
                                                attention_mask=encoder_attention_mask,
                                                encoder_hidden_states=encoder_hidden_states)
-        h = self.embed(inputs_embeds, self.embed_positions(input_ids, 0, position_ids=position_ids))
+        h = self.embed(inputs_embeds, self.embed_positions(input_ids, past, position_ids=position_ids))
         # the encoder output is differentiable context: the reversible backward returns its gradient
-        h = self.run(h, (self_mask, encoder_hidden_states, cross_mask))
-        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h)
+        h = self.run(h, (self_mask, encoder_hidden_states, cross_mask, cache))
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h, cache=cache)
 
 
 def install(model: nn.Module, variant: Variant, lam: float, beta: float, num_rev_layers: int | None,

@@ -27,9 +27,11 @@ both streams start from the embedding output and are averaged before the final n
 rotary cos/sin): non-differentiable, passed through the engine untouched. Sequence
 classification (last non-pad token), causal-LM and QA heads are HF's own and unchanged.
 
-Not supported: KV caches / generation with a cache (``use_cache=True`` or
-``past_key_values`` raise), ``output_hidden_states``/``output_attentions`` (raise),
-OPT's ``layerdrop`` > 0 (ConfigError).
+Generation: without gradients (``generate()``, ``torch.no_grad()``) the stack is an ordinary
+forward of the two streams, each layer's attention runs once, and HF's KV cache works as in
+the original model (``use_cache=True``; ``cache``/``past_key_values``). With gradients on, a
+cache raises: the reversible backward runs the attention again. Not supported:
+``output_hidden_states``/``output_attentions`` (raise), OPT's ``layerdrop`` > 0 (ConfigError).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaModel
@@ -55,6 +58,7 @@ class DecoderContext(NamedTuple):
 
     mask: Tensor | None  # causal (+ padding) mask from create_causal_mask; None: sdpa's is_causal
     position_embeddings: tuple[Tensor, Tensor] | None = None  # LLaMA's rotary (cos, sin)
+    cache: Cache | None = None  # the KV cache (inference only)
 
 
 # --- layers ----------------------------------------------------------------------------
@@ -90,7 +94,8 @@ class OPTMeftLayer(_DecoderMeftLayer):
 
     def attention_block(self, x: Tensor, context: DecoderContext) -> Tensor:
         pre = self.do_layer_norm_before
-        a, _ = self.self_attn(hidden_states=self.self_attn_layer_norm(x) if pre else x, attention_mask=context.mask)
+        a, _ = self.self_attn(hidden_states=self.self_attn_layer_norm(x) if pre else x, attention_mask=context.mask,
+                              cache=context.cache)
         h = x + self._adapted(F.dropout(a, self.dropout, self.training))
         return h if pre else self.self_attn_layer_norm(h)
 
@@ -114,7 +119,7 @@ class LlamaMeftLayer(_DecoderMeftLayer):
 
     def attention_block(self, x: Tensor, context: DecoderContext) -> Tensor:
         a, _ = self.self_attn(hidden_states=self.input_layernorm(x), attention_mask=context.mask,
-                              position_embeddings=context.position_embeddings)
+                              position_embeddings=context.position_embeddings, cache=context.cache)
         return x + self._adapted(a)
 
     def feed_forward_block(self, h: Tensor) -> Tensor:
@@ -139,15 +144,20 @@ class MeftDecoderStack:
         return run_stack(self, h, self.layers, (context,), "decoder")
 
 
-def _check_call(use_cache, past_key_values, kwargs) -> None:
-    # transformers >= 5.24 names the cache argument ``cache`` (``past_key_values`` before)
-    if use_cache or past_key_values is not None or kwargs.get("cache") is not None:
-        raise ValueError("MEFT decoder: KV caches are not supported (training/scoring only); "
-                         "call with use_cache=False and no past_key_values")
+def _cache(module: nn.Module, use_cache, past_key_values, kwargs) -> Cache | None:
+    """The KV cache of this call (a new one for ``use_cache=True``), or None."""
     for flag in ("output_hidden_states", "output_attentions"):
         if kwargs.get(flag):
             raise ValueError(f"MEFT decoder: {flag}=True is not supported (the HF layers it hooks are replaced); "
                              f"call with {flag}=False")
+    # transformers >= 5.24 names the cache argument ``cache`` (``past_key_values`` before)
+    cache = kwargs.get("cache") if kwargs.get("cache") is not None else past_key_values
+    if not use_cache and cache is None:
+        return None
+    if torch.is_grad_enabled():
+        raise ValueError("MEFT decoder: a KV cache is for inference only (the reversible backward runs each "
+                         "attention again); call it under torch.no_grad() (as generate() does) or with use_cache=False")
+    return cache if cache is not None else DynamicCache(config=module.config)
 
 
 def _inputs_embeds(module, input_ids, inputs_embeds) -> Tensor:
@@ -157,44 +167,47 @@ def _inputs_embeds(module, input_ids, inputs_embeds) -> Tensor:
 
 
 class MeftOPTDecoder(MeftDecoderStack, OPTDecoder):
-    """``OPTDecoder`` with its layers run as a MEFT stack (``OPTDecoder.forward``, minus caching)."""
+    """``OPTDecoder`` with its layers run as a MEFT stack (``OPTDecoder.forward``)."""
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None,
                 use_cache=None, position_ids=None, **kwargs) -> BaseModelOutputWithPast:
-        _check_call(use_cache, past_key_values, kwargs)
+        cache = _cache(self, use_cache, past_key_values, kwargs)
         inputs_embeds = _inputs_embeds(self, input_ids, inputs_embeds)
+        past = cache.get_seq_length() if cache is not None else 0
         # learned positions count only the non-pad tokens (pads get position -1, as in HF)
         position_mask = attention_mask
         if position_mask is None:
-            position_mask = torch.ones(inputs_embeds.shape[:2], device=inputs_embeds.device)
+            position_mask = torch.ones(inputs_embeds.shape[0], past + inputs_embeds.shape[1],
+                                       device=inputs_embeds.device)
         if position_ids is None:
-            position_ids = (torch.cumsum(position_mask, dim=1) * position_mask - 1).long()
-        # no cache; passed by position, as transformers 5.24 renamed the argument (past_key_values -> cache)
-        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, None)
-        pos_embeds = self.embed_positions(position_mask, 0, position_ids=position_ids)
+            position_ids = (torch.cumsum(position_mask, dim=1) * position_mask - 1).long()[:, past:]
+        # passed by position, as transformers 5.24 renamed the argument (past_key_values -> cache)
+        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache)
+        pos_embeds = self.embed_positions(position_mask, past, position_ids=position_ids)
         if self.project_in is not None:  # OPT-350m: word_embed_proj_dim -> hidden_size
             inputs_embeds = self.project_in(inputs_embeds)
-        h = self.run_layers(inputs_embeds + pos_embeds, DecoderContext(mask))
+        h = self.run_layers(inputs_embeds + pos_embeds, DecoderContext(mask, cache=cache))
         if self.final_layer_norm is not None:  # pre-LN OPTs only
             h = self.final_layer_norm(h)
         if self.project_out is not None:
             h = self.project_out(h)
-        return BaseModelOutputWithPast(last_hidden_state=h)
+        return BaseModelOutputWithPast(last_hidden_state=h, cache=cache)
 
 
 class MeftLlamaModel(MeftDecoderStack, LlamaModel):
-    """``LlamaModel`` with its layers run as a MEFT stack (``LlamaModel.forward``, minus caching)."""
+    """``LlamaModel`` with its layers run as a MEFT stack (``LlamaModel.forward``)."""
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
-        _check_call(use_cache, past_key_values, kwargs)
+        cache = _cache(self, use_cache, past_key_values, kwargs)
         inputs_embeds = _inputs_embeds(self, input_ids, inputs_embeds)
         if position_ids is None:
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
-        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, None, position_ids=position_ids)
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
+        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
         rotary = self.rotary_emb(inputs_embeds, position_ids=position_ids)  # (cos, sin), no grad
-        h = self.run_layers(inputs_embeds, DecoderContext(mask, rotary))
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(h))
+        h = self.run_layers(inputs_embeds, DecoderContext(mask, rotary, cache))
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), cache=cache)
 
 
 # --- install ---------------------------------------------------------------------------

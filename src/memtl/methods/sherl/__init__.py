@@ -53,6 +53,12 @@ Options:
 - ``dropout``: dropout of the side module's output block and of the late LoRA/adapter
   inputs; ``None`` = the model's hidden dropout (``hidden_dropout_prob``; BART/OPT
   ``dropout``; LLaMA has none: 0).
+- ``recompute_side`` (default on): recompute the side module in backward (each projection
+  on its own, from its input h_i) while the late layers keep their activations. Between
+  forward and backward the early route then holds only the h_i; the recompute is the
+  projections, fusion and output block, small beside the late layers (peak and time at
+  BERT-base geometry: docs/RESULTS.md). ``false`` keeps the side module's activations (the
+  authors' code).
 - ``gradient_checkpointing``: recompute, in backward, the side module (each projection
   on its own, from its input h_i) and the late layers (non-reentrant
   ``torch.utils.checkpoint``). The early route is never recomputed: it has no backward.
@@ -121,6 +127,7 @@ class SherlOptions:
     late_lora_alpha: float = 16
     late_adapter_bottleneck: int = 8
     dropout: float | None = None  # None: the model's hidden dropout
+    recompute_side: bool = True  # recompute the side module in backward (late layers keep theirs)
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
@@ -159,6 +166,8 @@ class SherlOptions:
         if self.dropout is not None and not (_is_number(self.dropout) and 0 <= self.dropout < 1):
             raise ConfigError(f"method.dropout={self.dropout}: must be in [0, 1), "
                               "or null for the model's hidden dropout")
+        if not isinstance(self.recompute_side, bool):
+            raise ConfigError(f"method.recompute_side={self.recompute_side!r}: must be true or false")
         if not isinstance(self.gradient_checkpointing, bool):
             raise ConfigError(f"method.gradient_checkpointing={self.gradient_checkpointing!r}: must be true or false")
 
@@ -186,6 +195,7 @@ def apply_sherl(model: nn.Module, opts: SherlOptions) -> nn.Module:
     else:
         with torch.no_grad():  # g = T·atanh(opening): tanh(g/T) starts at gate_init
             side.gate.fill_(float(opts.gate_temperature) * math.atanh(float(opts.gate_init)))
+    side.recompute = opts.recompute_side or opts.gradient_checkpointing
     side.requires_grad_(True)  # ... except the side module ...
     model_type = model.config.model_type
     for layer in late:  # ... the late-layer LoRA/adapters ...

@@ -50,7 +50,7 @@ class SherlEncoder(nn.Module):
 
     @checkpointing.setter
     def checkpointing(self, value: bool) -> None:
-        self._checkpointing = self.side.checkpoint_projections = bool(value)
+        self._checkpointing = self.side.recompute = bool(value)
 
     @property
     def num_early(self) -> int:
@@ -73,10 +73,7 @@ class SherlEncoder(nn.Module):
             raise ValueError("SHERL encoder: cross-attention (encoder_hidden_states) is not supported")
         features = self.early_features(hidden_states, attention_mask, **kwargs)
         recompute = self.checkpointing and self.training and torch.is_grad_enabled()
-        if recompute:
-            x = checkpoint(self.side, features, use_reentrant=False)
-        else:
-            x = self.side(features)
+        x = self.side(features)
         del features  # from here on only autograd's saved tensors hold them
         for layer in self.layer[self.num_early:]:
             if recompute:

@@ -28,9 +28,11 @@ do not change (the side module adds ``<stack>.side.*``).
   each late layer through transformers' per-layer switch
   (``GradientCheckpointingLayer.gradient_checkpointing``; v5 checkpoints a layer's
   ``forward``, so these hooks stay outside the recomputation).
-- No KV cache: the stack always runs with ``use_cache=False`` (a cache would keep the early
-  layers' keys and values alive through backward); ``use_cache=True`` or
-  ``past_key_values`` raise a ConfigError. ``generate`` works with ``use_cache=False``.
+- KV cache for inference only: with gradients on the stack runs with ``use_cache=False`` (a
+  cache would keep the early layers' keys and values alive through backward) and an
+  explicit ``use_cache=True`` or cache raises a ConfigError; without gradients
+  (``generate()``) HF's cache works as in the original model: the side module works per
+  token, so each new token's features are all it needs.
 - layerdrop must be 0 (a skipped layer would move the split).
 - LM heads stay frozen: OPT ties its head to the input embeddings (early route); LLaMA's
   (untied, vocabulary x hidden) is kept frozen alike, so a causal LM trains the side module
@@ -84,7 +86,7 @@ class SherlSplit:
 
     @checkpointing.setter
     def checkpointing(self, value: bool) -> None:
-        self._checkpointing = self.side.checkpoint_projections = bool(value)
+        self._checkpointing = self.side.recompute = bool(value)
         for layer in self.layers[self.num_early:]:
             layer.gradient_checkpointing = bool(value)
             layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
@@ -101,20 +103,22 @@ class SherlSplit:
         if len(features) != self.num_early + 1:
             raise RuntimeError(f"SHERL: expected {self.num_early} early layers to run before the late ones, "
                                f"saw {len(features) - 1}")
-        if self.checkpointing and self.side.training and torch.is_grad_enabled():
-            x = checkpoint(self.side, features, use_reentrant=False)
-        else:
-            x = self.side(features)
+        x = self.side(features)
         del features  # from here on only autograd's saved tensors hold them
         if args:
             return (x, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": x}
 
     def _no_cache(self, stack, args, kwargs):
-        """Pre-hook of the stack: no KV cache (``use_cache=None`` would mean the config's)."""
+        """Pre-hook of the stack: a KV cache only without gradients (generation); in training
+        it would keep the early layers' keys and values alive (``use_cache=None`` would mean
+        the config's: it becomes False)."""
         if kwargs.get("use_cache") or any(kwargs.get(k) is not None for k in ("past_key_values", "cache")):
-            raise ConfigError("method=sherl: the KV cache is not supported (it would keep the early layers' keys "
-                              "and values alive); call the model (or generate) with use_cache=False")
+            if not torch.is_grad_enabled():
+                return args, kwargs  # generate(): the side module works per token, the late layers read the cache
+            raise ConfigError("method=sherl: a KV cache is for inference only (in training it would keep the early "
+                              "layers' keys and values alive): call it under torch.no_grad() (as generate() does) "
+                              "or with use_cache=False")
         return args, {**kwargs, "use_cache": False}
 
 

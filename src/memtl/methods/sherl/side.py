@@ -178,8 +178,10 @@ class SideModule(nn.Module):
         # gated skip from h_L: tanh(g / T), g starts at 0 (closed)
         self.gate = nn.Parameter(torch.zeros((), **kw))
         self.temperature = temperature
-        # recompute each projection in backward, from its input h_i alone (gradient checkpointing)
-        self.checkpoint_projections = False
+        # recompute the side module in backward from its inputs h_i, each projection on its own
+        # (recompute_side / gradient checkpointing): between forward and backward the side
+        # module then keeps nothing of its own
+        self.recompute = False
         self.start_form: str | None = None  # None: the paper's gated skip; else keep_pretrained_start's form
 
     def keep_pretrained_start(self, form: str) -> None:
@@ -213,8 +215,11 @@ class SideModule(nn.Module):
             return {"sherl_side_scale": float(self.scale.detach())}
         return {"sherl_out_proj_rms": float(self.out_proj.weight.detach().float().square().mean().sqrt())}
 
+    def _recomputing(self) -> bool:
+        return self.recompute and self.training and torch.is_grad_enabled()
+
     def project(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        if self.checkpoint_projections and self.training and torch.is_grad_enabled():
+        if self._recomputing():
             return checkpoint(self.projections[i], h, use_reentrant=False)
         return self.projections[i](h)
 
@@ -234,8 +239,13 @@ class SideModule(nn.Module):
             return h_last + self.scale * out
         return out + torch.tanh(self.gate / self.temperature) * h_last
 
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+    def _forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         return self.combine([self.project(i, h) for i, h in enumerate(features)], features[-1])
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        if self._recomputing():
+            return checkpoint(self._forward, features, use_reentrant=False)
+        return self._forward(features)
 
 
 # --- the early route's no-grad switch (used by every architecture) ---------------------
