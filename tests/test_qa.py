@@ -239,19 +239,93 @@ def test_choice_scores_by_hand(name, norm):
     torch.testing.assert_close(out.loss, loss, rtol=1e-9, atol=1e-9)
 
 
-def test_the_lm_head_runs_on_the_choice_positions_only():
+def test_the_lm_head_runs_on_the_choice_tokens_only_a_chunk_at_a_time(monkeypatch):
+    """Long prompts, short answers: the vocabulary projection sees the choice tokens only
+    (not the prompt, not the padding), at most CHUNK_BYTES of logits at once."""
+    from memtl import scoring
+
     tok = load_tokenizer(entry("tiny_llama"))
     model = load_model(entry("tiny_llama"), tokenizer=tok, head="causal_lm").eval()
     task = get_qa_task("sciq")  # long prompts (support passages), short answers
     rows = read_qa_split(task, "validation", SHARED_DATA)[:4]
     ds = tokenize_qa(rows, task, tok, "causal_lm", 256)
     batch = QACollate(tok, "causal_lm")([ds[i] for i in range(4)])
-    seen = []
-    model.lm_head.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    vocab = model.lm_head.weight.shape[0]
+    monkeypatch.setattr(scoring, "CHUNK_BYTES", 5 * 4 * vocab)  # 5 tokens' logits at a time
+    seen = []  # the logits of each chunk, as they are upcast
+    upcast = scoring._upcast
+    monkeypatch.setattr(scoring, "_upcast", lambda x: seen.append(tuple(x.shape)) or upcast(x))
     with torch.no_grad():
         MultipleChoiceModel(model, "causal_lm")(**batch)
-    k = int(batch["choice_len"].max())
-    assert seen == [torch.Size([16, k + 1, 32])] and batch["input_ids"].shape[1] > 3 * (k + 1)
+    tokens = int(batch["choice_len"].sum())
+    chunks = [5] * (tokens // 5) + ([tokens % 5] if tokens % 5 else [])
+    assert [shape for shape in seen if shape[-1] == vocab] == [(n, vocab) for n in chunks]
+    assert batch["input_ids"].shape[1] > 3 * int(batch["choice_len"].max())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_token_logprobs_values_and_gradients_equal_plain_autograd(bias):
+    """Chunked, with a hand-written backward: log_softmax(h W^T + b)[target] and the
+    gradients of h, W and b equal plain autograd's (float64), chunks of 3 of 10 tokens."""
+    from memtl import scoring
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=bias, dtype=torch.float64)
+    h = torch.randn(10, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (10,), generator=g)
+    weights = torch.randn(10, generator=g, dtype=torch.float64)
+    got = scoring._TokenLogProbs.apply(h, head.weight, head.bias, targets, 3)
+    (got * weights).sum().backward()
+    mine = [h.grad, head.weight.grad] + ([head.bias.grad] if bias else [])
+    head.zero_grad(set_to_none=True)
+    h.grad = None
+    ref = torch.log_softmax(head(h), -1).gather(-1, targets[:, None]).squeeze(-1)
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(mine, [h.grad, head.weight.grad] + ([head.bias.grad] if bias else [])):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name, method", [("tiny_llama", "full"), ("tiny_opt", "lora"), ("tiny_llama", "meft3"),
+                                          ("tiny_opt", "sherl")])
+def test_choice_scoring_gradients_equal_the_plain_lm_head(name, method):
+    """The training loss through the chunked scorer: every trainable parameter's gradient
+    (the tied LM head's, under full fine-tuning, included) equals the one from plain logits
+    of the whole model forward (float64)."""
+    from memtl.methods import apply_method
+
+    tok = load_tokenizer(entry(name))
+    torch.manual_seed(0)
+    model = apply_method(load_model(entry(name), tokenizer=tok, head="causal_lm").double(), method).eval()
+    task = get_qa_task("arc_easy")
+    ds = tokenize_qa(read_qa_split(task, "validation", SHARED_DATA)[:4], task, tok, "causal_lm", 64)
+    batch = QACollate(tok, "causal_lm")([ds[i] for i in range(4)])
+    MultipleChoiceModel(model, "causal_lm")(**batch).loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    def plain_logprobs(model, input_ids, attention_mask, choice_len):
+        k = int(choice_len.max())
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits[:, -k - 1:-1]
+        lp = torch.log_softmax(logits, -1).gather(-1, input_ids[:, -k:, None]).squeeze(-1)
+        return (lp * (torch.arange(k)[None] >= (k - choice_len)[:, None])).sum(-1)
+
+    import memtl.scoring as scoring
+
+    original = scoring.choice_logprobs
+    scoring.choice_logprobs = plain_logprobs
+    try:
+        MultipleChoiceModel(model, "causal_lm")(**batch).loss.backward()
+    finally:
+        scoring.choice_logprobs = original
+    ref = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert ours.keys() == ref.keys() and ours
+    if method == "full":
+        assert any("embed_tokens" in n for n in ours)  # the tied head/embedding trains
+    for n in ref:
+        torch.testing.assert_close(ours[n], ref[n], rtol=1e-9, atol=1e-12, msg=n)
 
 
 def test_tokenization_per_head():

@@ -7,9 +7,10 @@ classification model, ``.logits`` of shape (batch, max choices) and ``.loss``:
   given the prompt, ``sum_t log p(choice token t | prompt, earlier choice tokens)``, then
   normalised by ``length_norm``: ``none`` (the sum: lm-eval's ``acc``), ``token`` (mean per
   token), or ``char`` (sum / characters of " " + choice: lm-eval's ``acc_norm``). The vocabulary
-  projection runs only where a choice token is predicted: causal rows are left-padded so all
-  choices end at the last position, and ``logits_to_keep`` keeps the last K+1 positions
-  (K = the longest choice of the batch), not the whole sequence (SmolLM2: 49k-word vocabulary).
+  projection runs only where a choice token is predicted (causal rows are left-padded so all
+  choices end at the last position), and never holds the (tokens x vocabulary) logits at
+  once: ``token_logprobs`` projects a chunk of tokens at a time and recomputes each chunk
+  in backward (SmolLM2: a 49k-word vocabulary; every method, full fine-tuning included).
 - multiple_choice (BERT/RoBERTa): the HF multiple-choice head's logit per (prompt, choice) pair.
 
 Training objective, the same for every head: cross-entropy over the choices of a question,
@@ -35,18 +36,76 @@ class MultipleChoiceOutput:
     logits: torch.Tensor  # (batch, max choices); absent choices at the dtype's lowest value
 
 
+#: logits held at once by ``token_logprobs`` (float32 bytes): one chunk of tokens x vocabulary
+CHUNK_BYTES = 32 * 2**20
+
+
+class _TokenLogProbs(torch.autograd.Function):
+    """``log softmax(h W^T + b)[target]`` per token, chunk by chunk, keeping no logits:
+    backward recomputes each chunk's logits (under the forward's autocast state) and
+    accumulates the gradients of ``h``, ``W`` and ``b`` (when they need one)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk):
+        ctx.autocast = (h.device.type, torch.is_autocast_enabled(h.device.type),
+                        torch.get_autocast_dtype(h.device.type))
+        out = torch.empty(len(h), dtype=torch.float64 if h.dtype == torch.float64 else torch.float32,
+                          device=h.device)
+        for s in range(0, len(h), chunk):
+            logits = _upcast(F.linear(h[s:s + chunk], weight, bias))
+            out[s:s + chunk] = logits.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - logits.logsumexp(-1)
+        ctx.save_for_backward(h, weight, bias, targets)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        h, weight, bias, targets = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        gh = torch.empty_like(h) if need_h else None
+        gw = torch.zeros_like(weight, dtype=torch.float32 if weight.dtype != torch.float64 else weight.dtype) \
+            if need_w else None
+        gb = torch.zeros_like(gw[:, 0]) if need_b else None
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            for s in range(0, len(h), ctx.chunk):
+                hc = h[s:s + ctx.chunk]
+                logits = _upcast(F.linear(hc, weight, bias))
+                # d lp / d logits = onehot(target) - softmax(logits), times the incoming gradient
+                d = torch.softmax(logits, -1).mul_(-grad[s:s + ctx.chunk, None])
+                d.scatter_add_(-1, targets[s:s + ctx.chunk, None], grad[s:s + ctx.chunk, None])
+                if need_h:
+                    gh[s:s + ctx.chunk] = (d.to(weight.dtype) @ weight).to(h.dtype)
+                if need_w:
+                    gw.addmm_(d.t(), hc.to(gw.dtype))
+                if need_b:
+                    gb += d.sum(0)
+        return gh, gw.to(weight.dtype) if need_w else None, gb.to(bias.dtype) if need_b else None, None, None
+
+
+def token_logprobs(h: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> torch.Tensor:
+    """``log p(target)`` of each of the (N, d) hidden states ``h`` under the LM head ``head``,
+    in float32 (float64 for a float64 model), holding at most ``CHUNK_BYTES`` of logits."""
+    chunk = max(1, CHUNK_BYTES // (4 * head.weight.shape[0]))
+    return _TokenLogProbs.apply(h, head.weight, head.bias, targets, chunk)
+
+
 def choice_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     choice_len: torch.Tensor) -> torch.Tensor:
     """Summed log-probability of each row's last ``choice_len`` tokens under a causal LM.
 
-    Rows are left-padded (``attention_mask`` 0 on the left). Returns (rows,) in float32 (float64 for a float64 model)."""
+    Rows are left-padded (``attention_mask`` 0 on the left). Returns (rows,) in float32 (float64 for a float64 model).
+    The model's body gives the hidden states; its LM head scores only the choice tokens."""
     k = int(choice_len.max())
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # count from the first real token
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                logits_to_keep=k + 1, use_cache=False)
-    logits = _upcast(out.logits[:, -k - 1:-1])  # position t predicts token t + 1: the last k tokens
-    return _sum_target_logprobs(logits, input_ids[:, -k:], torch.arange(k, device=input_ids.device)[None]
-                                >= (k - choice_len)[:, None])
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft: the HF model
+    out = hf.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False)
+    valid = torch.arange(k, device=input_ids.device)[None] >= (k - choice_len)[:, None]  # (rows, k)
+    h = out.last_hidden_state[:, -k - 1:-1][valid]  # position t predicts token t + 1: the choice tokens
+    lp = token_logprobs(h, hf.get_output_embeddings(), input_ids[:, -k:][valid])
+    return lp.new_zeros(len(input_ids)).index_add_(0, valid.nonzero()[:, 0], lp)
 
 
 def seq2seq_choice_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
