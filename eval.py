@@ -1,6 +1,7 @@
 """Evaluate a fine-tuned model saved by a training run (or by memtl.save_pretrained).
 
     python eval.py run_dir=outputs/rte/lora/<time>       # dev metrics of <run>/model
+    python eval.py run_dir=outputs/rte/lora/<time> split=test   # GLUE server files / QA predictions
     python eval.py model_dir=<a saved model folder>
 """
 import json
@@ -26,7 +27,8 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, ConfigError) else e.exit_code)
-    print(json.dumps(report["metrics"], indent=2))
+    shown = {k: v for k, v in report.items() if k not in ("model_dir", "written")}
+    print(json.dumps(shown, indent=2))
     print(f"written: {report['written']}")
 
 

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 import memtl
 from memtl.backbones import load_model, load_tokenizer
+from memtl.data.glue import get_task
 from memtl.errors import ConfigError
 from memtl.run import run
 
@@ -218,7 +219,8 @@ def test_bad_folders_give_one_clear_error(tmp_path):
     (["run_dir={tmp}/unfinished"], "has no model/ (the run's status is 'failed')"),
     (["model_dir={tmp}/saved"], "does not say what it was trained on"),
     (["run_dir={tmp}/unfinished", "split=train"], "split=train: choose one of dev"),
-    (["run_dr={tmp}"], "run_dr"),
+    (["run_dr={tmp}"], "unknown key 'run_dr'"),
+    (["--foo"], "unknown option --foo: eval.py takes key=value overrides"),
 ])
 def test_eval_cli_bad_input(tmp_path, args, message):
     _saved(tmp_path)
@@ -230,3 +232,75 @@ def test_eval_cli_bad_input(tmp_path, args, message):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
     assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+# --- eval.py split=test: the GLUE server's files, QA predictions ----------------------------
+
+GLUE_LABELS = {"cola": {"0", "1"}, "sst2": {"0", "1"}, "mrpc": {"0", "1"}, "qqp": {"0", "1"},
+               "mnli": {"entailment", "neutral", "contradiction"}, "qnli": {"entailment", "not_entailment"},
+               "rte": {"entailment", "not_entailment"}}
+SERVER_FILES = {"cola": ["CoLA"], "sst2": ["SST-2"], "mrpc": ["MRPC"], "stsb": ["STS-B"], "qqp": ["QQP"],
+                "mnli": ["MNLI-m", "MNLI-mm"], "qnli": ["QNLI"], "rte": ["RTE"]}
+
+
+@pytest.fixture(scope="module")
+def glue_with_tests(glue_root, tmp_path_factory):
+    """The GLUE fixture plus test files: the real unlabelled ones where ../shared/data has
+    them, QQP's and MNLI's two written in their real layout (index/id column, no label)."""
+    import shutil
+
+    from conftest import SHARED_DATA
+
+    root = tmp_path_factory.mktemp("glue_tests")
+    shutil.copytree(glue_root / "glue_data", root / "glue_data")
+    for task in ("CoLA", "SST-2", "MRPC", "STS-B", "QNLI", "RTE"):
+        shutil.copy(SHARED_DATA / "glue_data" / task / "test.tsv", root / "glue_data" / task / "test.tsv")
+    (root / "glue_data" / "QQP" / "test.tsv").write_text(
+        "id\tquestion1\tquestion2\n" + "".join(f"{i}\tis it {i}?\tcould it be {i}?\n" for i in range(37)))
+    head = "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t" \
+           "sentence2_parse\tsentence1\tsentence2\n"
+    for split, n in (("test_matched", 31), ("test_mismatched", 29)):
+        (root / "glue_data" / "MNLI" / f"{split}.tsv").write_text(
+            head + "".join(f"{i}\t{i}\t{i}n\tfiction\t( x )\t( x )\t( x )\t( x )\tA man sleeps {i}.\tA man is {i}.\n"
+                           for i in range(n)))
+    return root
+
+
+def _rows(path: Path) -> int:
+    return len([ln for ln in path.read_text(encoding="utf-8-sig").splitlines()[1:] if ln.strip()])
+
+
+@pytest.mark.parametrize("task", list(SERVER_FILES))
+def test_eval_test_split_writes_the_glue_server_files(glue_with_tests, tmp_path, task):
+    from memtl.evaluate import evaluate
+
+    res = run(compose(["backbone=tiny_bert", "method=lora", f"task=glue/{task}", f"data.root={glue_with_tests}",
+                       *SMOKE, "trainer.max_steps=1"], tmp_path))
+    assert res["status"] == "completed"
+    report = evaluate(run_dir=str(tmp_path), split="test")
+    assert sorted(report["files"]) == sorted(SERVER_FILES[task])
+    sources = {"MNLI-m": "test_matched.tsv", "MNLI-mm": "test_mismatched.tsv"}
+    for stem in SERVER_FILES[task]:
+        lines = (tmp_path / "eval" / f"{stem}.tsv").read_text().splitlines()
+        assert lines[0] == "index\tprediction"
+        local = glue_with_tests / "glue_data" / get_task(task).local_dir
+        expected_rows = _rows(local / sources.get(stem, "test.tsv"))
+        assert len(lines) - 1 == expected_rows == report["files"][stem]["rows"]
+        index, predictions = zip(*(ln.split("\t") for ln in lines[1:]))
+        assert list(index[:3]) == ["0", "1", "2"]
+        if task == "stsb":
+            assert all(0.0 <= float(p) <= 5.0 and len(p.split(".")[1]) == 3 for p in predictions)
+        else:
+            assert set(predictions) <= GLUE_LABELS[task]
+
+
+def test_eval_test_split_writes_qa_predictions(tmp_path):
+    from memtl.evaluate import evaluate
+
+    run(compose(["backbone=tiny_llama", "method=meft1", "task=qa/arc_easy", "data.max_train_samples=16",
+                       *SMOKE, "trainer.max_steps=1", "data.batch_size=8"], tmp_path))
+    report = evaluate(run_dir=str(tmp_path), split="test")
+    lines = [json.loads(ln) for ln in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert report["qa_split"] == "test" and len(lines) == report["questions"] == 24  # data.max_eval_samples
+    assert all(ln["id"] and 0 <= ln["prediction"] < 5 and ln["answer"] is not None for ln in lines)
+    assert report["accuracy"] == pytest.approx(sum(ln["prediction"] == ln["answer"] for ln in lines) / 24)

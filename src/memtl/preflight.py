@@ -23,8 +23,9 @@ def preflight(argv: list[str], conf_dir: Path, config_name: str = "train") -> No
     multirun = ("-m", "--multirun")
     for a in argv:
         if a.startswith("-") and a not in multirun:
-            raise ConfigError(f"unknown option {a}: train.py takes -m (a sweep) and key=value overrides; "
-                              "see python train.py --help")
+            script = f"{config_name}.py"
+            takes = "-m (a sweep) and key=value overrides" if config_name == "train" else "key=value overrides"
+            raise ConfigError(f"unknown option {a}: {script} takes {takes}; see python {script} --help")
     overrides = [a for a in argv if not a.startswith("-")]
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import IntervalSweep

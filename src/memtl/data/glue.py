@@ -100,7 +100,16 @@ _LOCAL_FILES = {
     "validation": "dev.tsv",
     "validation_matched": "dev_matched.tsv",
     "validation_mismatched": "dev_mismatched.tsv",
+    "test": "test.tsv",  # the unlabelled test splits (predictions for the GLUE server)
+    "test_matched": "test_matched.tsv",
+    "test_mismatched": "test_mismatched.tsv",
 }
+
+#: each task's test split(s) and the file the GLUE server expects for each
+SUBMISSION_FILES = {"cola": {"test": "CoLA"}, "sst2": {"test": "SST-2"}, "mrpc": {"test": "MRPC"},
+                    "stsb": {"test": "STS-B"}, "qqp": {"test": "QQP"},
+                    "mnli": {"test_matched": "MNLI-m", "test_mismatched": "MNLI-mm"},
+                    "qnli": {"test": "QNLI"}, "rte": {"test": "RTE"}}
 
 
 def get_task(name, main_metric: str | None = None) -> GlueTask:
@@ -194,6 +203,35 @@ def _parse_tsv(data: bytes, path: Path, task: GlueTask) -> list[dict]:
     return rows
 
 
+def _parse_test_tsv(data: bytes, path: Path, task: GlueTask) -> list[dict]:
+    """One unlabelled GLUE test TSV (always with a header; CoLA's names its text column
+    ``sentence``, QQP's index ``id``) into rows {text_key: str, ..., "index": str, "label": 0}."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _bad(path, data.count(b"\n", 0, e.start) + 1, f"not valid UTF-8 ({e.reason})") from None
+    reader = csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE)
+    names = ("sentence",) if task.name == "cola" else task.text_columns
+    rows, cols = [], None
+    for fields in reader:
+        if not fields or (len(fields) == 1 and not fields[0].strip()):
+            continue
+        if cols is None:
+            index = "index" if "index" in fields else "id"
+            missing = [c for c in (index, *names) if c not in fields]
+            if missing:
+                raise _bad(path, reader.line_num, f"header {fields} lacks column(s) {missing} of a {task.name} test file")
+            ncols, cols, at = len(fields), [fields.index(c) for c in names], fields.index(index)
+            continue
+        if len(fields) != ncols:
+            raise _bad(path, reader.line_num, f"expected {ncols} tab-separated columns, got {len(fields)}")
+        rows.append({k: fields[c] for k, c in zip(task.text_keys, cols)}
+                    | {"index": fields[at], "label": 0.0 if task.is_regression else 0})
+    if not rows:
+        raise _bad(path, None, "empty file (no data rows)")
+    return rows
+
+
 def read_glue_tsv(path, task) -> list[dict]:
     """Read one local GLUE TSV file, strictly (any defect -> ConfigError naming file and line)."""
     task, path = get_task(task), Path(path)
@@ -234,8 +272,12 @@ class _Source:
         self.fingerprint = "hub:" + self.hub._fingerprint
 
     def rows(self) -> list[dict]:
+        test = self.split.startswith("test")
         if self.path is not None:
-            return _parse_tsv(self.data, self.path, self.task)
+            return (_parse_test_tsv if test else _parse_tsv)(self.data, self.path, self.task)
+        if test:  # the hub's test labels are -1: unlabelled
+            return [{k: r[k] for k in self.task.text_keys} | {"index": str(r["idx"]), "label": 0.0
+                    if self.task.is_regression else 0} for r in self.hub]
         return [{k: r[k] for k in self.task.text_keys} | {"label": r["label"]} for r in self.hub]
 
 
@@ -663,6 +705,15 @@ class GlueDataModule(L.LightningDataModule):
         log.info("GLUE %s/%s: %d rows tokenized from %s", self._task.name, split, len(ds),
                  source.path or "the hub")
         return ds
+
+    def test_predict_sets(self) -> list[tuple[str, list[str], TokenizedSplit]]:
+        """The unlabelled test split(s), whole: (the GLUE server's file stem, each row's index,
+        the tokenized rows in file order)."""
+        out = []
+        for split, stem in SUBMISSION_FILES[self._task.name].items():
+            indices = [r["index"] for r in _Source(self._task, split, self.root).rows()]
+            out.append((stem, indices, self._load(split, whole=True)))
+        return out
 
     def _loader(self, ds, batch_size, cls=DataLoader, **kw) -> DataLoader:
         # an own generator: creating a loader's iterator draws a seed from it, and must not
