@@ -83,6 +83,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(method, opts):
     ("lora", {"r": 0}, "method.r=0"),
     ("lora", {"alpha": -1}, "method.alpha=-1"),
     ("lora", {"dropout": 1.5}, "method.dropout=1.5"),
+    ("lora", {"alpha": "abc"}, "method.alpha='abc': the LoRA alpha must be a number > 0"),
+    ("lora", {"r": True}, "method.r=True: the LoRA rank must be an integer"),
+    ("lora", {"dropout": "x"}, "method.dropout='x'"),
+    ("lora", {"gradient_checkpointing": "yes"}, "method.gradient_checkpointing='yes'"),
     ("lora", {"target_modules": ["nonexistent"]}, "no module named 'nonexistent'"),
     ("full", {"gradient_checkpointing": True, "foo": 1}, "no option 'foo'"),
 ])

@@ -1,7 +1,7 @@
 """LoRA through Hugging Face ``peft``; the task head stays fully trainable."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch.nn as nn
 
@@ -28,12 +28,17 @@ class LoraOptions:
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ConfigError(f"method.r={self.r}: the LoRA rank must be an integer >= 1")
-        if self.alpha <= 0:
-            raise ConfigError(f"method.alpha={self.alpha}: the LoRA alpha must be > 0")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"method.dropout={self.dropout}: must be in [0, 1)")
+        def number(x) -> bool:  # not a bool, nor a string a typo left
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+        if not number(self.r) or not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"method.r={self.r!r}: the LoRA rank must be an integer >= 1")
+        if not number(self.alpha) or self.alpha <= 0:
+            raise ConfigError(f"method.alpha={self.alpha!r}: the LoRA alpha must be a number > 0")
+        if not number(self.dropout) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"method.dropout={self.dropout!r}: must be a number in [0, 1)")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ConfigError(f"method.gradient_checkpointing={self.gradient_checkpointing!r}: must be true or false")
         if self.target_modules is not None:
             self.target_modules = list(self.target_modules)
             if not self.target_modules:
