@@ -160,10 +160,10 @@ def test_qa_batches_are_measured_through_the_multiple_choice_scorer():
              "row_choice": torch.tensor([0, 1, 0, 1]), "choice_len": torch.tensor([2, 3, 1, 2]),
              "choice_chars": torch.tensor([5.0, 7.0, 3.0, 6.0]), "input_ids": ids, "attention_mask": mask}
     seen = {}
-    lm.register_forward_pre_hook(lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    lm.model.register_forward_pre_hook(lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True)
     report = reconstruction_report(LogRecorder(MultipleChoiceModel(lm, "causal_lm")), batch)
     assert [r["layer"] for r in report] == [0, 1] and max(r["max_abs"] for r in report) < 1e-10
-    assert seen["logits_to_keep"] == 4  # the scorer's call: longest choice (3) + 1
+    # the scorer's call: the decoder body on left-padded positions (its LM head scores the choices apart)
     assert torch.equal(seen["position_ids"], (mask.cumsum(-1) - 1).clamp(min=0))
 
 

@@ -114,8 +114,11 @@ def test_resume_refuses_other_settings_and_never_starts_over(glue_root, tmp_path
 def test_a_resumed_run_continues_the_same_wandb_run(glue_root, tmp_path):
     """The W&B run id is kept in the run folder; the resumed part logs to the same run
     (read back from the offline run files)."""
+    import wandb
     from test_train import _wandb_run
 
+    if wandb.run is not None:  # a run left open in this process: Lightning's logger would log into it
+        wandb.finish()
     common = ["method=lora", f"data.root={glue_root}", *ARGS, "logger=wandb", *stop_once(2, tmp_path / "m", "crash")]
     with pytest.raises(RuntimeError):
         run(compose(common, tmp_path))
