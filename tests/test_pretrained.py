@@ -147,8 +147,8 @@ def test_siamese_pair_model_round_trip(tmp_path):
 # --- a training run writes <run>/model; eval.py reproduces its dev metrics ----------------
 
 
-@pytest.mark.parametrize("backbone, method, task", [
-    ("tiny_bert", "meft1", "glue/rte"), ("tiny_opt", "lora", "glue/mrpc"), ("tiny_llama", "sherl", "qa/arc_easy"),
+@pytest.mark.parametrize("backbone, method, task", [(b, m, "glue/rte") for b in TINY for m in METHODS] + [
+    ("tiny_opt", "lora", "glue/mrpc"), ("tiny_llama", "sherl", "qa/arc_easy"), ("tiny_llama", "meft2", "qa/arc_easy"),
     ("minilm", "meft3", "glue/rte"),
 ])
 def test_run_saves_its_best_model_and_eval_reproduces_the_dev_metrics(glue_root, tmp_path, backbone, method, task):

@@ -185,7 +185,11 @@ def from_pretrained(folder: str | Path, backbone: str | Mapping[str, Any] | None
         import transformers
 
         # the architecture from the saved config; every weight is overwritten below
-        model = getattr(transformers, HEADS[m["head"]]).from_config(transformers.AutoConfig.from_pretrained(folder))
+        config = transformers.AutoConfig.from_pretrained(folder)
+        # config.json leaves out a label count equal to PretrainedConfig's default (2), which
+        # BartConfig then reads back as its own default (3): the manifest's count is the truth
+        config.num_labels = m["num_labels"]
+        model = getattr(transformers, HEADS[m["head"]]).from_config(config)
     else:
         model = load_model(entry, m["num_labels"], _tokenizer(folder), head=m["head"])
     model.to(getattr(torch, m.get("dtype", "float32")))
