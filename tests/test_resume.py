@@ -125,7 +125,8 @@ def test_a_resumed_run_continues_the_same_wandb_run(glue_root, tmp_path):
     run_id = (tmp_path / "wandb_run_id").read_text().strip()
     assert run(compose(common, tmp_path))["status"] == "completed"
     files = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(files) == 2 and all(f.parent.name.endswith(run_id) for f in files)
+    # both parts can start in the same second: W&B then names the second folder "...-<id>-1"
+    assert len(files) == 2 and all(f.name == f"run-{run_id}.wandb" for f in files)
     assert [_wandb_run(f)[0].run_id for f in files] == [run_id, run_id]
     run(compose(common, tmp_path))  # the same command after completion: a new run into the same folder
     assert (tmp_path / "wandb_run_id").read_text().strip() != run_id  # ... and a new W&B run
