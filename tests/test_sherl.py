@@ -89,11 +89,47 @@ def test_registered_and_yaml_options_valid():
     import yaml
 
     cfg = yaml.safe_load((REPO / "conf" / "method" / "sherl.yaml").read_text())
-    assert cfg.pop("name") == "sherl" and cfg.pop("lr") > 0
+    assert cfg.pop("name") == "sherl" and cfg.pop("lr") is None  # the family's
     opts = method_options("sherl", **cfg)
     assert (opts.late_layers, opts.side_width, opts.projection, opts.gate_temperature, opts.gate_init,
-            opts.late_tuning, opts.preserve_start, opts.start_form) == (1, None, "linear", 0.1, 0.0, "frozen",
-                                                                        False, "out_proj")
+            opts.late_tuning, opts.preserve_start, opts.start_form) == (None, None, "linear", 0.1, 0.0, None,
+                                                                        None, "out_proj")
+
+
+def test_family_defaults_paper_on_encoders_kept_start_and_late_lora_on_decoder_lms():
+    """Options left at None take the backbone family's value when SHERL is applied (and the
+    model records the values it got); explicit values always win."""
+    from transformers import BartConfig, BertConfig, LlamaConfig, OPTConfig
+
+    from memtl.methods import default_lr
+
+    def chosen(config, **options):
+        o = method_options("sherl", **options).for_model(config)
+        return o.preserve_start, o.late_layers, o.late_tuning
+
+    paper, decoder_lm = (False, 1, "frozen"), (True, 8, "lora")
+    assert chosen(BertConfig(num_hidden_layers=12)) == paper
+    assert chosen(BartConfig(decoder_layers=12)) == paper
+    assert chosen(LlamaConfig(num_hidden_layers=30)) == decoder_lm
+    assert chosen(OPTConfig(num_hidden_layers=24)) == decoder_lm
+    assert chosen(LlamaConfig(num_hidden_layers=4)) == (True, 3, "lora")  # shallower than 9: k = layers - 1
+    assert chosen(LlamaConfig(num_hidden_layers=30), late_layers=2, late_tuning="frozen",
+                  preserve_start=False) == (False, 2, "frozen")
+    assert chosen(BertConfig(), preserve_start=True) == (True, 1, "frozen")
+    assert (default_lr("sherl", "bert"), default_lr("sherl", "bart"), default_lr("sherl", "llama"),
+            default_lr("sherl", "opt")) == (5e-4, 5e-4, 3e-3, 3e-3)
+    with pytest.raises(ConfigError, match=r"method.lr=null: method 'lora' has no family-dependent learning rate"):
+        default_lr("lora", "bert")
+    with pytest.raises(ConfigError, match=r"method.gate_init=0.5 with method.preserve_start=true \(the default on "
+                                          r"decoder LMs\)"):
+        method_options("sherl", gate_init=0.5).for_model(LlamaConfig(num_hidden_layers=30))
+    from transformers import LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    recorded = apply_method(llama, "sherl").memtl_method["options"]  # what save_pretrained writes
+    assert (recorded["preserve_start"], recorded["late_layers"], recorded["late_tuning"]) == (True, 3, "lora")
+    assert sum(p.requires_grad for n, p in llama.named_parameters() if "lora" in n) > 0
 
 
 @pytest.mark.parametrize("opening", [0.9, -0.5])

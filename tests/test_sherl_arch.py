@@ -45,6 +45,9 @@ MODELS = {  # arch -> (bare, causal LM, sequence classification)
 HEADS = {"bare": 0, "causal": 1, "seq": 2}
 KEPT = {"preserve_start": True, "start_form": "out_proj"}  # the pre-trained starting point kept
 KEPT_SCALE = {"preserve_start": True, "start_form": "scale"}
+# the paper's SHERL; these tests pass it unless they ask for the family defaults (decoder LMs
+# default to the kept start with late LoRA: test_family_defaults_on_every_architecture)
+PAPER = {"preserve_start": False, "late_layers": 1, "late_tuning": "frozen"}
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -72,7 +75,8 @@ def plain_model(arch, head="seq", layers=LAYERS, dropout=0.0, dtype=torch.float3
     return model.to(dtype)
 
 
-def tiny(arch, head="seq", layers=LAYERS, dropout=0.0, dtype=torch.float32, seed=0, **opts):
+def tiny(arch, head="seq", layers=LAYERS, dropout=0.0, dtype=torch.float32, seed=0, family_defaults=False, **opts):
+    opts = opts if family_defaults else {**PAPER, **opts}
     return apply_method(plain_model(arch, head, layers, dropout, dtype, seed), "sherl", **opts)
 
 
@@ -507,6 +511,34 @@ def test_preserve_start_outputs_equal_the_pretrained_model(arch, head, form):
     real = batch["attention_mask"].bool() if head != "seq" else slice(None)
     torch.testing.assert_close(kept[key][real], ref[key][real], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(paper[key][real], ref[key][real], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_family_defaults_on_every_architecture(arch):
+    """Options left at None: OPT and LLaMA (decoder LMs) get the kept start with late LoRA in
+    k = layers − 1 late layers here (8 on deeper ones): at init the outputs equal the
+    pre-trained model's; the early route gets no gradient, the late LoRA does. BART keeps the
+    paper's setting (one frozen late layer, gate closed)."""
+    batch = make_batch(arch, "causal")
+    with torch.no_grad():
+        ref = plain_model(arch, "causal").eval()(**batch, use_cache=False).logits
+    model = tiny(arch, "causal", family_defaults=True)
+    stack = stack_of(model)
+    with torch.no_grad():
+        logits = model.eval()(**batch).logits
+    real = batch["attention_mask"].bool()
+    if arch == "bart":
+        assert (stack.sherl.num_early, stack.side.start_form) == (LAYERS - 1, None)
+        assert not any("lora" in n for n, _ in model.named_parameters())
+        return
+    assert (stack.sherl.num_early, stack.side.start_form) == (1, "out_proj")
+    torch.testing.assert_close(logits[real], ref[real], rtol=1e-5, atol=1e-5)
+    model.train()
+    run(model, batch)[1].backward()
+    assert all(p.grad is None for m in early_modules(model) for p in m.parameters())
+    lora = [p for n, p in model.named_parameters() if "lora" in n]
+    assert lora and all(p.requires_grad and p.grad is not None for p in lora)
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)  # A gets 0 while B = 0
 
 
 @pytest.mark.parametrize("form", ["out_proj", "scale"])

@@ -33,11 +33,13 @@ def method_kwargs(method_cfg: DictConfig) -> dict[str, Any]:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Cheap checks of values a typo or a wrong sign would spoil; one line per problem."""
+    """Cheap checks of values a typo or a wrong sign would spoil; one line per problem.
+    Also fills ``method.lr: null`` (every entry passes here before the lr is read)."""
     from memtl.data import get_task
     from memtl.data.glue import check_data_options, check_pair_encoding
     from memtl.methods import method_options
 
+    fill_family_lr(cfg)
     method_options(cfg.method.name, **method_kwargs(cfg.method))
     task = get_task(cfg.task.name, cfg.task.get("main_metric"), cfg.task.get("length_norm"))
     _check(getattr(task, "family", "glue") != "qa" or d_protocol(cfg) == "dev",
@@ -103,6 +105,16 @@ def validate(cfg: DictConfig) -> None:
     last = (cfg.get("callbacks") or {}).get("last_checkpoint")
     _check(last is None or last.every_n_steps >= 1,
            f"callbacks.last_checkpoint.every_n_steps={last and last.every_n_steps}: must be >= 1")
+
+
+def fill_family_lr(cfg: DictConfig) -> None:
+    """``method.lr: null`` becomes the method's lr for the backbone's family (SHERL: decoder
+    LMs and the rest differ), so results.json and the checkpoint record the number."""
+    if "lr" in cfg.method and cfg.method.lr is None:
+        from memtl.backbones import model_type
+        from memtl.methods import default_lr
+
+        cfg.method.lr = default_lr(cfg.method.name, model_type(cfg.backbone))
 
 
 def _is_num(v) -> bool:  # a number, not a string a typo left (optim.lr=1e-4x) nor a bool

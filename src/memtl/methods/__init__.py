@@ -59,6 +59,16 @@ def method_defaults(name: str) -> dict[str, Any]:
             if f.default is not dataclasses.MISSING}
 
 
+def default_lr(name: str, model_type: str | None) -> float:
+    """``method.lr: null``: the method's learning rate for a backbone of ``model_type``."""
+    _load_builtin()
+    options_cls = _REGISTRY[name][1] if name in _REGISTRY else None
+    if not hasattr(options_cls, "default_lr"):
+        raise ConfigError(f"method.lr=null: method {name!r} has no family-dependent learning rate; "
+                          "set method.lr to a number")
+    return options_cls.default_lr(model_type)
+
+
 def apply_method(model: nn.Module, name: str, **options: Any) -> nn.Module:
     """Prepare ``model`` for fine-tuning with method ``name``; returns the model to train.
 
@@ -66,6 +76,8 @@ def apply_method(model: nn.Module, name: str, **options: Any) -> nn.Module:
     the return value.
     """
     opts = method_options(name, **options)
+    if hasattr(opts, "for_model"):  # options whose default depends on the backbone family
+        opts = opts.for_model(getattr(model, "config", None), name)
     fn, _ = _REGISTRY[name]
     model = fn(model, opts)
     # what memtl.save_pretrained records, so that from_pretrained can rebuild the model

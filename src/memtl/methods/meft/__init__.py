@@ -40,6 +40,7 @@ Options (shared by the three names; ``None`` picks the variant's default):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -98,6 +99,15 @@ class MeftOptions:
     inverse: str = "exact"  # exact: fixed-point streams (DESIGN §1.7); float: the paper's division
     gradient_checkpointing: bool = False
 
+    def for_model(self, config, method: str) -> "MeftOptions":
+        """λ/β left at None take the variant's value for ``config``'s family: the paper's, or
+        the pre-norm decoder's (``Variant.decoder_lam``/``decoder_beta``)."""
+        v = VARIANTS[method]
+        decoder = config is not None and pre_norm_decoder(config)
+        lam = (v.decoder_lam if decoder else v.lam) if self.lam is None else self.lam
+        beta = (v.decoder_beta if decoder else v.beta) if self.beta is None else self.beta
+        return dataclasses.replace(self, lam=float(lam), beta=float(beta))
+
     def __post_init__(self):
         if not isinstance(self.bottleneck, int) or isinstance(self.bottleneck, bool) or self.bottleneck < 1:
             raise ConfigError(f"method.bottleneck={self.bottleneck}: the adapter bottleneck must be an integer >= 1")
@@ -138,9 +148,7 @@ def apply_meft(model: nn.Module, opts: MeftOptions, variant: str) -> nn.Module:
     if opts.adapter_layernorm and not v.rev_adapter:
         raise ConfigError(f"method.adapter_layernorm=true: {variant} has no stand-alone F/G adapter to put a "
                           "LayerNorm in; set it to false (it applies to meft1/meft2)")
-    decoder = pre_norm_decoder(model.config)
-    lam = (v.decoder_lam if decoder else v.lam) if opts.lam is None else float(opts.lam)
-    beta = (v.decoder_beta if decoder else v.beta) if opts.beta is None else float(opts.beta)
+    lam, beta = opts.lam, opts.beta  # numbers: apply_method resolved None (for_model)
     if opts.inverse == "exact":
         for key, value in (("lam", lam), ("beta", beta)):
             try:

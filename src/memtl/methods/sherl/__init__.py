@@ -76,6 +76,7 @@ checkpointing) against +45 MiB per layer for full fine-tuning, i.e. 6.7% (3.4%).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -105,6 +106,23 @@ ARCHITECTURES = {
 }
 
 
+# Defaults that depend on the backbone family: an option left at None takes its family's
+# value when SHERL is applied. Decoder LMs (OPT, LLaMA) score through their frozen, tied LM
+# head, so only the late route can adapt the output: on SmolLM2 ARC-Easy (docs/RESULTS.md,
+# "SHERL's defaults") the paper's setting ends below the pre-trained model, while the kept
+# start with eight late LoRA layers matches full fine-tuning. Encoders and BART train a
+# task head and keep the paper's setting.
+FAMILY_DEFAULTS = {
+    "paper": {"preserve_start": False, "late_layers": 1, "late_tuning": "frozen", "lr": 5e-4},
+    "decoder_lm": {"preserve_start": True, "late_layers": 8, "late_tuning": "lora", "lr": 3e-3},
+}
+DECODER_LM_TYPES = ("opt", "llama")
+
+
+def family(model_type: str | None) -> str:
+    return "decoder_lm" if model_type in DECODER_LM_TYPES else "paper"
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -115,14 +133,14 @@ def _is_number(x) -> bool:
 
 @dataclass
 class SherlOptions:
-    late_layers: int = 1
+    late_layers: int | None = None  # None: the family's (FAMILY_DEFAULTS)
     side_width: int | None = None  # None: hidden size / 2
     projection: str = "linear"
     gate_temperature: float = 0.1
     gate_init: float = 0.0  # tanh(g/T) at init; 0 = closed (DESIGN §2)
-    preserve_start: bool = False  # late layers receive exactly h_{N-k} at init
+    preserve_start: bool | None = None  # late layers receive exactly h_{N-k} at init; None: the family's
     start_form: str = "out_proj"  # how the side correction starts at 0 (preserve_start)
-    late_tuning: str = "frozen"
+    late_tuning: str | None = None  # None: the family's
     late_lora_r: int = 8
     late_lora_alpha: float = 16
     late_adapter_bottleneck: int = 8
@@ -130,8 +148,24 @@ class SherlOptions:
     recompute_side: bool = True  # recompute the side module in backward (late layers keep theirs)
     gradient_checkpointing: bool = False
 
+    @staticmethod
+    def default_lr(model_type: str | None) -> float:
+        """``method.lr: null``: the learning rate of the backbone family's setting."""
+        return FAMILY_DEFAULTS[family(model_type)]["lr"]
+
+    def for_model(self, config, method: str = "sherl") -> "SherlOptions":
+        """These options with each None replaced by the family default of ``config``'s
+        model type. A decoder LM shallower than the default k + 1 layers gets k = layers − 1."""
+        defaults = FAMILY_DEFAULTS[family(getattr(config, "model_type", None))]
+        chosen = {k: v for k, v in defaults.items() if k != "lr" and getattr(self, k) is None}
+        if "late_layers" in chosen:
+            layers = getattr(config, "num_hidden_layers", None) or getattr(config, "decoder_layers", None)
+            if _is_int(layers) and layers >= 2:
+                chosen["late_layers"] = min(chosen["late_layers"], layers - 1)
+        return dataclasses.replace(self, **chosen)
+
     def __post_init__(self):
-        if not _is_int(self.late_layers) or self.late_layers < 1:
+        if self.late_layers is not None and (not _is_int(self.late_layers) or self.late_layers < 1):
             raise ConfigError(f"method.late_layers={self.late_layers}: must be an integer >= 1 "
                               "(and below the number of layers)")
         if self.side_width is not None and (not _is_int(self.side_width) or self.side_width < 1):
@@ -146,14 +180,16 @@ class SherlOptions:
         if not _is_number(self.gate_init) or not -1 < self.gate_init < 1:
             raise ConfigError(f"method.gate_init={self.gate_init}: the skip gate's opening tanh(g/T) at init "
                               "must be in (-1, 1); 0 = closed (DESIGN §2)")
-        if not isinstance(self.preserve_start, bool):
-            raise ConfigError(f"method.preserve_start={self.preserve_start!r}: must be true or false")
+        if self.preserve_start is not None and not isinstance(self.preserve_start, bool):
+            raise ConfigError(f"method.preserve_start={self.preserve_start!r}: must be true or false "
+                              "(or null for the backbone family's default)")
         if self.start_form not in START_FORMS:
             raise ConfigError(f"method.start_form={self.start_form!r}: choose one of {', '.join(START_FORMS)}")
         if self.preserve_start and self.gate_init != 0:
-            raise ConfigError(f"method.gate_init={self.gate_init} with method.preserve_start=true: the kept "
-                              "starting point has no gate (skip weight 1); leave gate_init at 0")
-        if self.late_tuning not in LATE_TUNING:
+            raise ConfigError(f"method.gate_init={self.gate_init} with method.preserve_start=true (the default on "
+                              "decoder LMs): the kept starting point has no gate (skip weight 1); leave gate_init "
+                              "at 0, or set method.preserve_start=false")
+        if self.late_tuning is not None and self.late_tuning not in LATE_TUNING:
             raise ConfigError(f"method.late_tuning={self.late_tuning!r}: choose one of {', '.join(LATE_TUNING)}")
         if not _is_int(self.late_lora_r) or self.late_lora_r < 1:
             raise ConfigError(f"method.late_lora_r={self.late_lora_r}: the LoRA rank must be an integer >= 1")
