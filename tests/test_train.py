@@ -308,3 +308,26 @@ def test_a_smoke_sweep_runs_end_to_end(glue_root, tmp_path):
     assert {(r["run"]["method"], r["config"]["optim"]["lr"]) for r in results} == {
         (m, lr) for m in ("meft1", "meft2", "meft3") for lr in (3e-4, 5e-4)}
     assert all(r["status"] == "completed" and 0 < r["trainer"]["global_step"] <= 4 for r in results)  # max_steps 4
+
+
+def test_lr_warms_up_from_zero_then_decays_to_zero(glue_root, tmp_path):
+    """transformers' linear schedule: step t of T with w warm-up steps trains at lr·t/w, then
+    lr·(T−t)/(T−w); the first step's lr is 0."""
+    import lightning as L
+
+    from memtl.run import build
+
+    class Record(L.Callback):
+        lrs = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    smoke = [o for o in SMOKE if not o.startswith("trainer.limit_train_batches")]
+    cfg = compose(["backbone=tiny_bert", "method=full", "task=glue/rte", f"data.root={glue_root}", *smoke,
+                   "trainer.limit_train_batches=8", "data.batch_size=2", "optim.warmup_steps=2", "optim.lr=1e-3"], tmp_path)
+    trainer, module, datamodule, _, _ = build(cfg, resuming=False)
+    trainer.callbacks.append(Record())
+    trainer.fit(module, datamodule=datamodule)
+    expected = [1e-3 * t / 2 for t in (0, 1)] + [1e-3 * (8 - t) / 6 for t in range(2, 8)]
+    assert Record.lrs == pytest.approx(expected)

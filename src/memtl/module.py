@@ -117,15 +117,12 @@ class FineTuneModule(L.LightningModule):
             betas=tuple(o["betas"]),
             eps=o["eps"],
         )
+        from transformers import get_linear_schedule_with_warmup
+
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = o.get("warmup_steps") or int(round(o.get("warmup_ratio", 0.0) * total))
-
-        def linear_warmup_decay(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return max(0.0, (total - step) / max(1, total - warmup))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay)
+        # linear warm-up from 0 (the first step's lr is 0) to the lr at step `warmup`, then linear decay to 0
+        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoints: trainable weights only ----------------------------------------------
