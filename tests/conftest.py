@@ -119,6 +119,21 @@ def tiny_hf_model(arch: str = "bert", layers: int = 4, hidden: int = 32, num_lab
 # --- shared by the MEFT/SHERL test files -------------------------------------------------
 
 
+def assert_pretrained_kept(pretrained: dict, model) -> set[str]:
+    """Every pre-trained tensor of ``pretrained`` (a state dict taken before a method was
+    applied) is in ``model``'s state dict, equal, under its key or, where peft's LoRA wraps
+    the module, under ``<module>.base_layer.<name>``; returns the keys it is under now."""
+    import torch
+
+    state, now = model.state_dict(), set()
+    for k, v in pretrained.items():
+        module, _, name = k.rpartition(".")
+        key = k if k in state else f"{module}.base_layer.{name}"
+        assert key in state and torch.equal(state[key], v), k
+        now.add(key)
+    return now
+
+
 def trainable_grads(model, batch) -> dict:
     """One backward of the model's own loss; a copy of every trainable parameter's grad."""
     model.zero_grad(set_to_none=True)

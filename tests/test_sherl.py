@@ -19,7 +19,7 @@ from transformers import (
     GPT2Model,
 )
 
-from conftest import saved_while_inside, tiny_hf_model
+from conftest import assert_pretrained_kept, saved_while_inside, tiny_hf_model
 
 from memtl.errors import ConfigError
 from memtl.methods import apply_method, available_methods, count_parameters, method_options
@@ -194,15 +194,16 @@ def test_what_trains(late_tuning):
     plain = BertForSequenceClassification(BertConfig(
         vocab_size=100, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
         intermediate_size=64, max_position_embeddings=64, num_labels=LABELS))
-    keys = set(plain.state_dict())
+    pretrained = {k: v.clone() for k, v in plain.state_dict().items()}
     model = apply_method(plain, "sherl", late_layers=2, late_tuning=late_tuning)
-    assert keys <= set(model.state_dict())  # pre-trained keys unchanged: checkpoints still load
+    keys = assert_pretrained_kept(pretrained, model)  # (peft's LoRA: under <module>.base_layer.<name>)
+    assert late_tuning == "lora" or keys == set(pretrained)  # otherwise the very keys: checkpoints still load
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     extra = {n for n in trainable if not n.startswith(("bert.encoder.side.", "bert.pooler.", "classifier."))}
     if late_tuning == "frozen":
         assert extra == set()
     elif late_tuning == "lora":
-        assert extra == {f"bert.encoder.layer.{i}.attention.self.{m}.lora_{ab}.weight"
+        assert extra == {f"bert.encoder.layer.{i}.attention.self.{m}.lora_{ab}.default.weight"
                          for i in (2, 3) for m in ("query", "value") for ab in "AB"}
     else:
         assert {n.split(".adapter.")[0] for n in extra} == {
@@ -370,9 +371,9 @@ def test_side_and_head_gradients_match_finite_differences(late_tuning, projectio
     with torch.no_grad():  # move away from the init's special points: gate open, scores positive,
         enc.side.gate.fill_(0.05)
         enc.side.fusion.score.bias.fill_(0.5)
-        for m in model.modules():
-            if hasattr(m, "lora_B"):
-                m.lora_B.weight.normal_(0, 0.1)  # B = 0 at init would leave A without a gradient
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # B = 0 at init would leave A without a gradient
     batch = make_batch(n=3, length=6)
     names = ["bert.encoder.side.gate", "bert.encoder.side.fusion.score.weight",
              "bert.encoder.side.fusion.score.bias", "bert.encoder.side.out_proj.bias",
@@ -380,7 +381,7 @@ def test_side_and_head_gradients_match_finite_differences(late_tuning, projectio
     names += ["bert.encoder.side.projections.0.linear.weight", "bert.encoder.side.projections.2.layer_norm.bias"] \
         if projection == "linear" else ["bert.encoder.side.projections.1.fc3.weight"]
     if late_tuning == "lora":
-        names += ["bert.encoder.layer.2.attention.self.query.lora_A.weight"]
+        names += ["bert.encoder.layer.2.attention.self.query.lora_A.default.weight"]
     params = dict(model.named_parameters())
     assert all(params[n].requires_grad for n in names)
 

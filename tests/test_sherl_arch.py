@@ -25,7 +25,7 @@ from transformers import (
     OPTModel,
 )
 
-from conftest import saved_while_inside
+from conftest import assert_pretrained_kept, saved_while_inside
 
 from memtl.errors import ConfigError
 from memtl.methods import apply_method
@@ -229,9 +229,10 @@ ADAPTED = {"bart": ("self_attn.out_proj", "fc2"), "opt": ("self_attn.out_proj", 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_what_trains(arch, late_tuning):
     plain = plain_model(arch)
-    keys = set(plain.state_dict())
+    pretrained = {k: v.clone() for k, v in plain.state_dict().items()}
     model = apply_method(plain, "sherl", late_layers=2, late_tuning=late_tuning)
-    assert keys <= set(model.state_dict())  # pre-trained keys unchanged: checkpoints still load
+    keys = assert_pretrained_kept(pretrained, model)  # (peft's LoRA: under <module>.base_layer.<name>)
+    assert late_tuning == "lora" or keys == set(pretrained)  # otherwise the very keys: checkpoints still load
     side_prefix = LAYER_PREFIX[arch].rsplit(".", 1)[0] + ".side."
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     extra = {n for n in trainable if not n.startswith((side_prefix, HEAD_PREFIX[arch]))}
@@ -239,7 +240,7 @@ def test_what_trains(arch, late_tuning):
     if late_tuning == "frozen":
         assert extra == set()
     elif late_tuning == "lora":
-        assert extra == {f"{layer}.{m}.lora_{ab}.weight" for layer in late for m in LORA for ab in "AB"}
+        assert extra == {f"{layer}.{m}.lora_{ab}.default.weight" for layer in late for m in LORA for ab in "AB"}
     else:
         assert {n.split(".adapter.")[0] for n in extra} == {f"{layer}.{m}" for layer in late for m in ADAPTED[arch]}
     head = {n for n in keys if n.startswith(HEAD_PREFIX[arch])}
@@ -254,7 +255,7 @@ def test_what_trains(arch, late_tuning):
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert all(g is not None for g in grads.values())
     for n in extra:
-        if n.endswith(("lora_B.weight", "adapter.up.weight")):
+        if n.endswith(("lora_B.default.weight", "adapter.up.weight")):
             assert grads[n].abs().sum() > 0, n
 
 
@@ -272,7 +273,7 @@ def test_hidden_dropout_default_per_architecture():
     assert stack_of(tiny("llama", dropout=0.1)).side.dropout.p == 0.0  # LLaMA has no hidden dropout
     chosen = apply_method(plain_model("llama"), "sherl", dropout=0.2, late_tuning="lora")
     assert stack_of(chosen).side.dropout.p == pytest.approx(0.2)
-    assert chosen.model.layers[-1].self_attn.q_proj.lora_dropout.p == pytest.approx(0.2)
+    assert chosen.model.layers[-1].self_attn.q_proj.lora_dropout["default"].p == pytest.approx(0.2)
 
 
 def test_bart_seq2seq_lm_routes():
@@ -354,9 +355,9 @@ def test_side_gradients_match_finite_differences(arch, head, late_tuning, eps, t
     with torch.no_grad():  # away from the init's special points: gate/scale/out_proj != 0, scores > 0, B != 0
         side.get_parameter(factor).normal_(0, 0.1).add_(0.05)
         side.fusion.score.bias.fill_(2.0)  # every shallow layer gets weight: a depends on w, b
-        for m in model.modules():
-            if hasattr(m, "lora_B"):
-                m.lora_B.weight.normal_(0, 0.1)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
     batch = make_batch(arch, head, n=3, length=6)
     labels = batch.pop("labels")  # our own float64 loss: HF's causal LM loss upcasts to float32 only
     prefix = LAYER_PREFIX[arch].rsplit(".", 1)[0] + ".side."

@@ -226,22 +226,19 @@ def apply_sherl(model: nn.Module, opts: SherlOptions) -> nn.Module:
     dropout = hidden_dropout(model.config) if opts.dropout is None else opts.dropout
     backbone, side, late = install(model, opts.late_layers, opts.side_width, opts.projection, dropout,
                                    float(opts.gate_temperature), opts.gradient_checkpointing)
+    model_type = model.config.model_type
+    if opts.late_tuning == "lora":  # first: peft leaves only its adapters trainable
+        add_lora(model, late, model_type, opts.late_lora_r, float(opts.late_lora_alpha), dropout)
+    elif opts.late_tuning == "adapter":
+        for layer in late:
+            for m in add_adapters(layer, model_type, opts.late_adapter_bottleneck, dropout):
+                m.requires_grad_(True)
     if opts.preserve_start:
         side.keep_pretrained_start(opts.start_form)
     else:
         with torch.no_grad():  # g = T·atanh(opening): tanh(g/T) starts at gate_init
             side.gate.fill_(float(opts.gate_temperature) * math.atanh(float(opts.gate_init)))
     side.recompute = opts.recompute_side or opts.gradient_checkpointing
-    side.requires_grad_(True)  # ... except the side module ...
-    model_type = model.config.model_type
-    for layer in late:  # ... the late-layer LoRA/adapters ...
-        if opts.late_tuning == "lora":
-            new = add_lora(layer, model_type, opts.late_lora_r, float(opts.late_lora_alpha), dropout)
-        elif opts.late_tuning == "adapter":
-            new = add_adapters(layer, model_type, opts.late_adapter_bottleneck, dropout)
-        else:
-            new = []
-        for m in new:
-            m.requires_grad_(True)
+    side.requires_grad_(True)  # ... except the side module, the late LoRA/adapters ...
     unfreeze_head(model, backbone)  # ... and the task head (LM heads stay frozen)
     return model

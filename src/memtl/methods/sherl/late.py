@@ -1,8 +1,9 @@
-"""Optional tuning of SHERL's late pre-trained layers: LoRA or adapters.
+"""Optional tuning of SHERL's late pre-trained layers: LoRA (through peft) or adapters.
 
-Both wrap an existing ``nn.Linear`` and take over its ``weight``/``bias`` Parameters under
-the same names, so pre-trained state-dict keys (``...query.weight``) are unchanged; the new
-trainable tensors appear beside them (``...query.lora_A.weight``, ``...dense.adapter.*``).
+LoRA is peft's, injected into the late layers only (``...q_proj.lora_A.default.weight``;
+the frozen weight moves to ``...q_proj.base_layer.weight``). An adapter wraps an existing
+``nn.Linear`` and takes over its ``weight``/``bias`` under the same names, so pre-trained
+state-dict keys (``...dense.weight``) are unchanged beside the new ``...dense.adapter.*``.
 
 Where, per architecture (``TARGETS``): LoRA on the self-attention query and value
 projections; adapters after the self-attention output projection and after the
@@ -11,35 +12,11 @@ BART's cross-attention stays frozen (see ``bart.py``).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from memtl.methods.meft.adapters import Adapter
-
-
-class LoraLinear(nn.Module):
-    """``W x + b + (alpha / r) · B A dropout(x)`` with ``B = 0`` at init (as peft)."""
-
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
-        super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias  # the frozen pre-trained tensors
-        kw = {"dtype": base.weight.dtype, "device": base.weight.device}
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, **kw)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, **kw)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-        self.lora_dropout = nn.Dropout(dropout)
-        self.scaling = alpha / r
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, r={self.lora_A.out_features}"
 
 
 class AdaptedLinear(nn.Module):
@@ -78,10 +55,16 @@ def _wrap(layer: nn.Module, path: str, make) -> nn.Module:
     return new
 
 
-def add_lora(layer: nn.Module, model_type: str, r: int, alpha: float, dropout: float) -> list[nn.Module]:
-    """LoRA on the attention query and value projections of one layer; returns the new modules."""
-    wrapped = [_wrap(layer, path, lambda lin: LoraLinear(lin, r, alpha, dropout)) for path in TARGETS[model_type][0]]
-    return [m for w in wrapped for m in (w.lora_A, w.lora_B)]
+def add_lora(model: nn.Module, late: list[nn.Module], model_type: str, r: int, alpha: float, dropout: float) -> None:
+    """peft's LoRA (B = 0 at init, scale alpha / r) on the attention query and value
+    projections of the late layers. peft leaves only its adapters trainable, so this runs
+    before the side module and the head are unfrozen."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = {id(m): n for n, m in model.named_modules()}
+    targets = [f"{names[id(layer)]}.{path}" for layer in late for path in TARGETS[model_type][0]]
+    inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                                       bias="none"), model)
 
 
 def add_adapters(layer: nn.Module, model_type: str, bottleneck: int, dropout: float) -> list[nn.Module]:
