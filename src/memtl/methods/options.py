@@ -7,8 +7,9 @@ whose ``option(...)`` gives its default, what it is and the values it allows.
         dropout: float | None = option(None, "dropout on the input", min=0, lt=1, null="the model's dropout")
 
 Types: ``int``, ``float`` (an int is accepted; finite), ``bool``, ``str``, ``list[str]``
-(non-empty); ``| None`` allows null, meaning ``null``. Ranges: ``min``/``max`` (inclusive),
-``gt``/``lt`` (exclusive), ``nonzero``; ``choices``: a tuple, or a dict name -> what it does.
+(non-empty); ``| None`` allows null, meaning ``null``. Ranges: ``min`` (inclusive), ``gt``
+(exclusive), ``lt`` (exclusive, with one of them), ``nonzero``; ``choices``: a tuple, or a dict
+name -> what it does.
 ``check`` (run by ``MethodOptions.__post_init__``) rejects any other value with one line,
 ``method.<name>=<value>: <what is allowed>``; the same text is ``memtl options``' listing.
 ``conf/method/*.yaml`` repeat the defaults (tests/test_configs.py keeps them equal).
@@ -36,11 +37,10 @@ def is_number(x) -> bool:  # not a bool, nor a string a typo left
 
 
 def option(default: Any, doc: str, *, null: str | None = None, choices: tuple | dict | None = None,
-           min: float | None = None, max: float | None = None, gt: float | None = None, lt: float | None = None,
-           nonzero: bool = False) -> Any:
+           min: float | None = None, gt: float | None = None, lt: float | None = None, nonzero: bool = False) -> Any:
     """A dataclass field: ``default``; ``doc``, a noun phrase (what the option is); the rest as above."""
     return dataclasses.field(default=default, metadata=dict(
-        doc=doc, null=null, choices=choices, min=min, max=max, gt=gt, lt=lt, nonzero=nonzero))
+        doc=doc, null=null, choices=choices, min=min, gt=gt, lt=lt, nonzero=nonzero))
 
 
 class MethodOptions:
@@ -68,15 +68,11 @@ def allowed(f: dataclasses.Field, kind: type, nullable: bool) -> str:
         return (_or([f"{k} ({v})" for k, v in c.items()]) if isinstance(c, dict) else f"one of {', '.join(c)}") + null
     if kind in (bool, list, str):
         return {bool: "true or false", list: "a non-empty list of names", str: "a string"}[kind] + null
-    noun = "an integer" if kind is int else "a number"
-    if m["nonzero"]:
-        noun = "a non-zero integer" if kind is int else "a finite non-zero number"
-    lo, hi = (m["min"], "[", ">=") if m["min"] is not None else (m["gt"], "(", ">"), \
-        (m["max"], "]", "<=") if m["max"] is not None else (m["lt"], ")", "<")
-    if lo[0] is not None and hi[0] is not None:
-        return f"{noun} in {lo[1]}{lo[0]}, {hi[0]}{hi[1]}{null}"
-    bound = next((f" {b[2]} {b[0]}" for b in (lo, hi) if b[0] is not None), "")
-    return f"{noun}{bound}{null}"
+    noun = "a finite non-zero number" if m["nonzero"] else "an integer" if kind is int else "a number"
+    if m["lt"] is not None:  # an interval: [min, lt) or (gt, lt)
+        return f"{noun} in {'[' + str(m['min']) if m['min'] is not None else '(' + str(m['gt'])}, {m['lt']}){null}"
+    bound = f" >= {m['min']}" if m["min"] is not None else f" > {m['gt']}" if m["gt"] is not None else ""
+    return noun + bound + null
 
 
 def _allows(m: dict, kind: type, v: Any) -> bool:
@@ -88,9 +84,8 @@ def _allows(m: dict, kind: type, v: Any) -> bool:
         return isinstance(v, str) and (not m["choices"] or v in m["choices"])
     if not (is_int(v) if kind is int else is_number(v) and math.isfinite(v)):
         return False
-    return not ((m["min"] is not None and v < m["min"]) or (m["max"] is not None and v > m["max"])
-                or (m["gt"] is not None and v <= m["gt"]) or (m["lt"] is not None and v >= m["lt"])
-                or (m["nonzero"] and v == 0))
+    return not ((m["min"] is not None and v < m["min"]) or (m["gt"] is not None and v <= m["gt"])
+                or (m["lt"] is not None and v >= m["lt"]) or (m["nonzero"] and v == 0))
 
 
 def _fields(cls: type) -> list[tuple[dataclasses.Field, type, bool]]:
