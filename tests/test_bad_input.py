@@ -1,5 +1,6 @@
 """Bad input everywhere: one table of cases, every CLI entry (train.py, memtl bench / estimate /
-report / recon / gradcheck), each run for real.
+report / recon / gradcheck), each run for real (a wrong type of each method option: train.py's
+preflight, in-process; test_every_method_option_has_a_wrong_type_row keeps that list complete).
 
 Every row must give exactly one ``error: ...`` line on stderr (library warnings aside) naming
 the problem and the fix, the exit code of the row, no traceback, and lose nothing that was
@@ -22,10 +23,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 SENTINEL = '{"status": "completed", "sentinel": true}\n'
 
@@ -78,7 +80,8 @@ def a_run(d, glue):
 # -- the table: (entry, args, setup, expected substring of the error line, exit code) ----------
 # {d}: the case's folder (holds run/results.json, bench/bench.json, file.txt, empty/).
 # train.py runs as `python train.py backbone=tiny_bert logger=none hydra.run.dir={d}/run ... <args>`
-# (a leading -m goes first); memtl rows run in-process, bench always with --out {d}/bench.
+# (a leading -m goes first); preflight rows run train.py's preflight on the same arguments
+# in-process; memtl rows run in-process, bench always with --out {d}/bench.
 CASES = [
     # memtl (in-process, fast)
     ("memtl", [], None, "no command given: choose one of bench", 2),
@@ -110,7 +113,7 @@ CASES = [
     ("recon", ["--precisions", "16"], None, "--precisions takes 32 and/or bf16-mixed", 2),
     ("recon", ["--inverses", "fixed"], None, "--inverses takes exact and/or float", 2),
     ("recon", ["--variants", "meft2", "--layers", "2", "--precisions", "32", "--lam", "0"], None,
-     "method.lam=0.0: must be a finite non-zero number", 2),
+     "method.lam=0.0: the scale λ of x1 (the inverse divides by it) must be a finite non-zero number", 2),
     ("recon", ["--out", "{d}/file.txt/recon.json"], None,
      "cannot write --out {d}/file.txt/recon.json: {d}/file.txt is not a folder", 2),
     ("recon", ["--out", "{d}/empty"], None, "cannot write --out {d}/empty: is a folder", 2),
@@ -145,6 +148,8 @@ CASES = [
     ("train", ["method=meft1", "method.lam=0.123456789"], None,
      "method.lam=0.123456789: the exact inverse needs a rational p/q with |p|, q <= 65536", 2),
     ("train", ["resume=maybe"], None, "resume=maybe: choose auto or never", 2),
+    ("train", ["method=lora", "method.alpha=abc"], None, "method.alpha='abc': the LoRA alpha must be a number > 0", 2),
+    ("train", ["method=lora", "method.r=true"], None, "method.r=True: the LoRA rank must be an integer >= 1", 2),
     ("train", ["method=head", "backbone=tiny_opt", "task=qa/arc_easy"], None,
      "method=head with tiny_opt on arc_easy: this backbone scores the choices with its LM head", 2),
     ("train", ["data.pair_encoding=bi"], None, "data.pair_encoding=bi: choose cross (one sequence per pair) or "
@@ -159,6 +164,77 @@ CASES = [
      "hydra.run.dir={d}/file.txt/sub: cannot create the run folder ({d}/file.txt is not a folder)", 2),
     ("train", ["-m", "hydra.sweep.dir={d}/file.txt/sub", "method=full,lora"], None,
      "hydra.sweep.dir={d}/file.txt/sub: cannot create the run folder", 2),
+    # a wrong type for each method option (meft2/meft3 share meft1's; head has none): train.py's
+    # preflight in-process, the same code the two train rows above run in a subprocess
+    ("preflight", ["method=full", "method.gradient_checkpointing=abc"], None,
+     "method.gradient_checkpointing='abc': gradient checkpointing (recompute activations in backward) must be "
+     "true or false", 2),
+    ("preflight", ["method=lora", "method.dropout=true"], None,
+     "method.dropout=True: dropout on the LoRA input must be a number in [0, 1)", 2),
+    ("preflight", ["method=lora", "method.target_modules=query"], None,
+     "method.target_modules='query': the modules LoRA adapts must be a non-empty list of names, or null for", 2),
+    ("preflight", ["method=lora", "method.gradient_checkpointing=maybe"], None,
+     "method.gradient_checkpointing='maybe': gradient checkpointing (recompute activations in backward) must be "
+     "true or false", 2),
+    ("preflight", ["method=meft1", "method.bottleneck=1.5"], None,
+     "method.bottleneck=1.5: the adapter width r must be an integer >= 1", 2),
+    ("preflight", ["method=meft1", "method.adapter_layernorm=maybe"], None,
+     "method.adapter_layernorm='maybe': a LayerNorm at the input of the stand-alone F/G adapter (meft1/meft2) "
+     "must be true or false", 2),
+    ("preflight", ["method=meft1", "method.adapter_activation=1"], None,
+     "method.adapter_activation=1: choose one of gelu, relu, silu, swish, tanh", 2),
+    ("preflight", ["method=meft1", "method.adapter_dropout=abc"], None,
+     "method.adapter_dropout='abc': dropout inside the adapters must be a number in [0, 1), or null for the "
+     "model's hidden dropout", 2),
+    ("preflight", ["method=meft1", "method.num_rev_layers=true"], None,
+     "method.num_rev_layers=True: how many bottom layers use the reversible backward (0: plain autograd, same "
+     "maths) must be an integer >= 0, or null for all layers", 2),
+    ("preflight", ["method=meft1", "method.lam=abc"], None,
+     "method.lam='abc': the scale λ of x1 (the inverse divides by it) must be a finite non-zero number, or null "
+     "for the variant's default", 2),
+    ("preflight", ["method=meft1", "method.beta=[1]"], None,
+     "method.beta=[1]: the scale β of x2 (the inverse divides by it) must be a finite non-zero number", 2),
+    ("preflight", ["method=meft1", "method.inverse=1"], None,
+     "method.inverse=1: choose exact (fixed-point streams, bit-exact at any depth) or float (the paper's "
+     "division)", 2),
+    ("preflight", ["method=meft1", "method.gradient_checkpointing=maybe"], None,
+     "method.gradient_checkpointing='maybe': gradient checkpointing (false only: MEFT's backward recomputes) "
+     "must be true or false", 2),
+    ("preflight", ["method=sherl", "method.late_layers=abc"], None,
+     "method.late_layers='abc': k, the late layers that run with autograd (below the number of layers) must be "
+     "an integer >= 1, or null for the backbone family's default", 2),
+    ("preflight", ["method=sherl", "method.side_width=2.5"], None,
+     "method.side_width=2.5: d', the side module's width must be an integer >= 1, or null for half the hidden "
+     "size", 2),
+    ("preflight", ["method=sherl", "method.projection=1"], None, "method.projection=1: choose one of linear, gated", 2),
+    ("preflight", ["method=sherl", "method.gate_temperature=true"], None,
+     "method.gate_temperature=True: T of the skip gate tanh(g/T) (authors: 0.1) must be a number > 0", 2),
+    ("preflight", ["method=sherl", "method.gate_init=abc"], None,
+     "method.gate_init='abc': the skip gate's opening tanh(g/T) at init (0 = closed, DESIGN §2) must be a "
+     "number in (-1, 1)", 2),
+    ("preflight", ["method=sherl", "method.preserve_start=maybe"], None,
+     "method.preserve_start='maybe': keeping the pre-trained starting point (the late layers receive exactly "
+     "h_{N-k} at init) must be true or false, or null for the backbone family's default", 2),
+    ("preflight", ["method=sherl", "method.start_form=0"], None,
+     "method.start_form=0: choose one of out_proj, scale", 2),
+    ("preflight", ["method=sherl", "method.late_tuning=true"], None,
+     "method.late_tuning=True: choose one of frozen, lora, adapter, or null for the backbone family's default", 2),
+    ("preflight", ["method=sherl", "method.late_lora_r=abc"], None,
+     "method.late_lora_r='abc': the late layers' LoRA rank (late_tuning=lora) must be an integer >= 1", 2),
+    ("preflight", ["method=sherl", "method.late_lora_alpha=abc"], None,
+     "method.late_lora_alpha='abc': the late layers' LoRA alpha (late_tuning=lora) must be a number > 0", 2),
+    ("preflight", ["method=sherl", "method.late_adapter_bottleneck=false"], None,
+     "method.late_adapter_bottleneck=False: the late adapters' width (late_tuning=adapter) must be an integer "
+     ">= 1", 2),
+    ("preflight", ["method=sherl", "method.dropout=abc"], None,
+     "method.dropout='abc': dropout of the side output block and the late LoRA/adapter inputs must be a number "
+     "in [0, 1), or null for the model's hidden dropout", 2),
+    ("preflight", ["method=sherl", "method.recompute_side=2"], None,
+     "method.recompute_side=2: recomputing the side module in backward (the late layers keep theirs) must be "
+     "true or false", 2),
+    ("preflight", ["method=sherl", "method.gradient_checkpointing=abc"], None,
+     "method.gradient_checkpointing='abc': gradient checkpointing (of the side module and the late layers) must "
+     "be true or false", 2),
     # train.py, found when the data is read (the run folder exists: its earlier results are kept)
     ("train", ["data.root={d}/data"], header_only, "RTE/train.tsv: empty file (no data rows)", 2),
     ("train", ["data.root={d}/data"], wrong_columns,
@@ -182,6 +258,16 @@ def _tree(d: Path) -> dict[str, bytes | None]:
 
 
 def _run(entry: str, args: list[str], d: Path, capsys) -> tuple[int, str]:
+    if entry == "preflight":  # what train.py's __main__ runs before Hydra starts, in-process
+        from memtl.errors import ConfigError
+        from memtl.preflight import preflight
+
+        try:
+            preflight(["backbone=tiny_bert", "logger=none", f"hydra.run.dir={d}/run", *args], REPO / "conf")
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2, capsys.readouterr().err
+        return 0, capsys.readouterr().err
     if entry == "train":
         lead = ["-m"] if args[:1] == ["-m"] else []  # a sweep: -m before the overrides
         rest = args[len(lead):]
@@ -232,3 +318,19 @@ def test_bad_input(entry, args, setup, needle, code, tmp_path, glue_root, capsys
         assert res["status"] == "failed" and res["error"] == lines[0].removeprefix("error: ")
         assert {k: v for k, v in after.items() if not k.startswith("run/")} == \
                {k: v for k, v in before.items() if not k.startswith("run/")}
+
+
+def test_every_method_option_has_a_wrong_type_row():
+    """One wrong-type row per option of every options class (meft2/meft3 share meft1's)."""
+    import dataclasses
+
+    from memtl.methods import available_methods, method_options
+
+    rows = {(a[0], a[1].split("=")[0]) for e, a, *_ in CASES if e in ("train", "preflight") and len(a) == 2
+            and a[0].startswith("method=") and a[1].startswith("method.")}
+    classes = {}
+    for name in available_methods():
+        classes.setdefault(type(method_options(name)), name)  # the first method using each class
+    missing = [f"method={name} method.{f.name}" for cls, name in classes.items() for f in dataclasses.fields(cls)
+               if (f"method={name}", f"method.{f.name}") not in rows]
+    assert not missing, missing

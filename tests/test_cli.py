@@ -13,6 +13,34 @@ def test_help_lists_groups_and_options():
                  "task/qa: arc_challenge, arc_easy, openbookqa, piqa, sciq"):
         assert line in proc.stdout, line
     assert "gradient_checkpointing" in proc.stdout and "max_train_samples" in proc.stdout
+    assert "memtl options [method]" in proc.stdout
+
+
+def test_memtl_options_lists_every_option_from_its_declaration(capsys):
+    """``memtl options``: each option of each method as name=default, what it is, what it allows."""
+    import dataclasses
+
+    from memtl.cli import main
+    from memtl.methods import available_methods, method_options
+
+    assert main(["options", "lora", "meft1"]) == 0
+    out = capsys.readouterr().out
+    for line in ("method=lora", "  r=8 ", "the LoRA rank: an integer >= 1", "alpha=16 ", "dropout=0.1 ",
+                 "a number in [0, 1)", "target_modules=null ", "a non-empty list of names, or null for the query/value",
+                 "gradient_checkpointing=false ", "method=meft1", "adapter_activation=relu ",
+                 "one of gelu, relu, silu, swish, tanh", "lam=null ", "a finite non-zero number, or null for the "
+                 "variant's default", "inverse=exact ", "exact (fixed-point streams, bit-exact at any depth) or float"):
+        assert line in out, line
+    assert main(["options"]) == 0
+    out = capsys.readouterr().out
+    for name in available_methods():
+        assert f"method={name}" in out
+        for f in dataclasses.fields(method_options(name)):
+            assert f"  {f.name}=" in out, (name, f.name)
+    assert "method=head (no options)" in out
+    assert main(["options", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: unknown method 'nope': choose one of full, head, lora, meft1, meft2, meft3, sherl"]
 
 
 BAD = [

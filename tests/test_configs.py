@@ -42,6 +42,24 @@ def test_every_option_composes_and_validates(group, option, tmp_path):
         assert cfg.task.main_metric == get_task(cfg.task.name).main_metric
 
 
+def test_method_yaml_is_the_options_dataclass():
+    """conf/method/<m>.yaml holds exactly the options of method m (memtl.methods.options) plus the
+    run keys name and lr, with the dataclass's defaults: the YAML cannot drift from them."""
+    import dataclasses
+
+    from memtl.methods import available_methods, method_options
+    from memtl.run import RUN_KEYS
+
+    assert set(options("method")) == set(available_methods())
+    for name in available_methods():
+        yaml = OmegaConf.to_container(OmegaConf.load(CONF / "method" / f"{name}.yaml"))
+        assert yaml["name"] == name and set(RUN_KEYS) <= set(yaml), name
+        defaults = {f.name: f.default for f in dataclasses.fields(method_options(name))}
+        assert {k: v for k, v in yaml.items() if k not in RUN_KEYS} == defaults, name
+        for k, v in defaults.items():  # 16 == 16.0 and False == 0 above: the types must match too
+            assert type(yaml[k]) is type(v), (name, k, yaml[k], v)
+
+
 def sweep_params(path: Path) -> dict:
     """The grid of a sweep file, with the grids of the sweeps it builds on (its defaults
     list's ``/sweep/...`` entries, as the smoke variants do) merged underneath."""

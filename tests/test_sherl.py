@@ -154,7 +154,7 @@ def test_gate_init_sets_the_skip_opening_and_the_late_layers_see_h(opening):
     ({"gate_temperature": float("inf")}, "method.gate_temperature=inf"),
     ({"gate_init": 1.0}, "method.gate_init=1.0"),
     ({"gate_init": -1}, "method.gate_init=-1"),
-    ({"gate_init": "open"}, "method.gate_init=open"),
+    ({"gate_init": "open"}, "method.gate_init='open'"),
     ({"preserve_start": "yes"}, "method.preserve_start='yes'"),
     ({"recompute_side": 1}, "method.recompute_side=1"),
     ({"start_form": "gate"}, "method.start_form='gate'"),

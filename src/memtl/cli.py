@@ -5,6 +5,7 @@
     memtl gradcheck                  MEFT reversible gradients vs plain autograd (the exactness table)
     memtl estimate [--backbone ...]  predicted peak memory per method, and whether it fits a budget
     memtl report <runs folder>       paper-style table, memory table and Pareto plot of a sweep
+    memtl options [method ...]       each method option: default, what it is, the values it allows
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 
 COMMANDS = {"bench": "memtl.bench", "recon": "memtl.methods.meft.diagnostics",
             "gradcheck": "memtl.methods.meft.gradcheck", "estimate": "memtl.estimate",
-            "report": "memtl.report"}
+            "report": "memtl.report", "options": "memtl.methods.options"}
 
 
 class ArgumentParser(argparse.ArgumentParser):

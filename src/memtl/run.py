@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from memtl.errors import ConfigError, RunError, RunInterrupted
+from memtl.methods.options import is_int, is_number
 from memtl.results import RESULTS_FILE, environment, write_results
 
 log = logging.getLogger("memtl")
@@ -53,20 +54,20 @@ def validate(cfg: DictConfig) -> None:
                f"method=head with {cfg.backbone.name} on {task.name}: this backbone scores the choices with its "
                "LM head (tied to the input embeddings), so there is no separate head to train; use an encoder "
                "backbone (multiple-choice head) or another method")
-    _check(_is_int(cfg.seed), f"seed={cfg.seed}: must be an integer")
+    _check(is_int(cfg.seed), f"seed={cfg.seed}: must be an integer")
     _check(isinstance(cfg.data.get("test", True), bool), f"data.test={cfg.data.get('test')}: must be true or false")
     _check(isinstance(cfg.get("eval_before", False), bool),
            f"eval_before={cfg.get('eval_before')}: must be true or false")
     o = cfg.optim
-    _check(_is_num(o.lr) and o.lr > 0, f"optim.lr={o.lr}: the learning rate must be > 0")
-    _check(_is_num(o.weight_decay) and o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: must be >= 0")
-    _check(_is_num(o.eps) and o.eps > 0, f"optim.eps={o.eps}: must be > 0")
-    _check(len(o.betas) == 2 and all(_is_num(b) and 0 <= b < 1 for b in o.betas),
+    _check(is_number(o.lr) and o.lr > 0, f"optim.lr={o.lr}: the learning rate must be > 0")
+    _check(is_number(o.weight_decay) and o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: must be >= 0")
+    _check(is_number(o.eps) and o.eps > 0, f"optim.eps={o.eps}: must be > 0")
+    _check(len(o.betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in o.betas),
            f"optim.betas={list(o.betas)}: two values in [0, 1)")
-    _check(_is_num(o.warmup_ratio) and 0 <= o.warmup_ratio <= 1,
+    _check(is_number(o.warmup_ratio) and 0 <= o.warmup_ratio <= 1,
            f"optim.warmup_ratio={o.warmup_ratio}: must be in [0, 1]")
     ws = o.get("warmup_steps")
-    _check(ws is None or _is_int(ws) and ws >= 0, f"optim.warmup_steps={ws}: must be an integer >= 0 (or null)")
+    _check(ws is None or is_int(ws) and ws >= 0, f"optim.warmup_steps={ws}: must be an integer >= 0 (or null)")
     d = cfg.data
     pairs = d.get("pair_encoding", "cross")
     if getattr(task, "family", "glue") == "qa":
@@ -89,9 +90,9 @@ def validate(cfg: DictConfig) -> None:
            "(glue_data/<TASK>/train.tsv ...), or null for the default")
     t = cfg.trainer
     steps, epochs = t.get("max_steps", -1), t.get("max_epochs")
-    _check(_is_int(steps) and (steps >= 1 or steps == -1),
+    _check(is_int(steps) and (steps >= 1 or steps == -1),
            f"trainer.max_steps={steps}: must be >= 1, or -1 for no limit (trainer.max_epochs then ends the run)")
-    _check(epochs is None or _is_int(epochs) and (epochs >= 1 or epochs == -1),
+    _check(epochs is None or is_int(epochs) and (epochs >= 1 or epochs == -1),
            f"trainer.max_epochs={epochs}: must be >= 1, or -1 for no limit (trainer.max_steps then ends the run)")
     _check(steps != -1 or epochs != -1,
            f"trainer.max_epochs={epochs} with trainer.max_steps=-1: the run would never end; "
@@ -115,14 +116,6 @@ def fill_family_lr(cfg: DictConfig) -> None:
         from memtl.methods import default_lr
 
         cfg.method.lr = default_lr(cfg.method.name, model_type(cfg.backbone))
-
-
-def _is_num(v) -> bool:  # a number, not a string a typo left (optim.lr=1e-4x) nor a bool
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _check(ok: bool, message: str) -> None:

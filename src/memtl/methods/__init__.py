@@ -4,8 +4,9 @@
 
 A method is a function ``fn(model, **options) -> model`` registered with
 ``@register_method(name, options_cls)``. ``options_cls`` is a dataclass whose fields
-are the method's options (validated in ``__post_init__``); unknown option names are
-rejected with the list of valid ones. Afterwards exactly the parameters the method
+are the method's options, each declared once with its type, default and allowed values
+(``memtl.methods.options``: checked on construction, listed by ``memtl options``); unknown
+option names are rejected with the list of valid ones. Afterwards exactly the parameters the method
 trains have ``requires_grad=True``.
 """
 from __future__ import annotations

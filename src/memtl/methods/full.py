@@ -7,11 +7,12 @@ import torch.nn as nn
 
 from memtl.methods import register_method
 from memtl.methods.checkpointing import enable_gradient_checkpointing
+from memtl.methods.options import MethodOptions, option
 
 
 @dataclass
-class FullOptions:
-    gradient_checkpointing: bool = False
+class FullOptions(MethodOptions):
+    gradient_checkpointing: bool = option(False, "gradient checkpointing (recompute activations in backward)")
 
 
 @register_method("full", FullOptions)

@@ -12,10 +12,11 @@ import torch.nn as nn
 
 from memtl.errors import ConfigError
 from memtl.methods import head_parameter_names, register_method
+from memtl.methods.options import MethodOptions
 
 
 @dataclass
-class HeadOptions:
+class HeadOptions(MethodOptions):
     pass
 
 

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from memtl.errors import ConfigError
 from memtl.methods import head_parameter_names, register_method
+from memtl.methods.options import MethodOptions, option
 from memtl.methods.checkpointing import enable_gradient_checkpointing
 
 # peft's defaults per architecture would also work, but naming them keeps runs comparable
@@ -20,29 +21,18 @@ DEFAULT_TARGETS = {
 
 
 @dataclass
-class LoraOptions:
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.1
-    target_modules: list[str] | None = None  # None: query/value projections
-    gradient_checkpointing: bool = False
+class LoraOptions(MethodOptions):
+    r: int = option(8, "the LoRA rank", min=1)
+    alpha: float = option(16, "the LoRA alpha", gt=0)  # scale = alpha / r
+    dropout: float = option(0.1, "dropout on the LoRA input", min=0, lt=1)
+    target_modules: list[str] | None = option(None, "the modules LoRA adapts",
+                                              null="the query/value projections (all linear layers where unknown)")
+    gradient_checkpointing: bool = option(False, "gradient checkpointing (recompute activations in backward)")
 
     def __post_init__(self):
-        def number(x) -> bool:  # not a bool, nor a string a typo left
-            return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-        if not number(self.r) or not isinstance(self.r, int) or self.r < 1:
-            raise ConfigError(f"method.r={self.r!r}: the LoRA rank must be an integer >= 1")
-        if not number(self.alpha) or self.alpha <= 0:
-            raise ConfigError(f"method.alpha={self.alpha!r}: the LoRA alpha must be a number > 0")
-        if not number(self.dropout) or not 0 <= self.dropout < 1:
-            raise ConfigError(f"method.dropout={self.dropout!r}: must be a number in [0, 1)")
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise ConfigError(f"method.gradient_checkpointing={self.gradient_checkpointing!r}: must be true or false")
+        super().__post_init__()
         if self.target_modules is not None:
             self.target_modules = list(self.target_modules)
-            if not self.target_modules:
-                raise ConfigError("method.target_modules is empty: name at least one module, or null for the default")
 
 
 @register_method("lora", LoraOptions)

@@ -41,7 +41,6 @@ Options (shared by the three names; ``None`` picks the variant's default):
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -51,7 +50,8 @@ from memtl.methods import architecture_installer, register_method
 from memtl.methods.bert_family import unfreeze_head
 from memtl.methods.meft.adapters import ACTIVATIONS, VARIANTS, Adapter
 from memtl.methods.meft.bert import MeftEncoder
-from memtl.methods.meft.engine import INVERSES, MAX_DENOMINATOR, as_fraction
+from memtl.methods.meft.engine import MAX_DENOMINATOR, as_fraction
+from memtl.methods.options import MethodOptions, option
 
 __all__ = ["MeftOptions", "MeftEncoder", "apply_meft", "VARIANTS", "meft_stacks", "stack_layers"]
 
@@ -83,21 +83,22 @@ def stack_layers(stack: nn.Module) -> nn.ModuleList:
     return stack.layer if isinstance(stack, MeftEncoder) else stack.layers
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 @dataclass
-class MeftOptions:
-    bottleneck: int = 8
-    adapter_layernorm: bool = False
-    adapter_activation: str = "relu"
-    adapter_dropout: float | None = None  # None: the model's hidden dropout
-    num_rev_layers: int | None = None  # None: all layers
-    lam: float | None = None  # None: the variant's default
-    beta: float | None = None
-    inverse: str = "exact"  # exact: fixed-point streams (DESIGN §1.7); float: the paper's division
-    gradient_checkpointing: bool = False
+class MeftOptions(MethodOptions):
+    bottleneck: int = option(8, "the adapter width r", min=1)
+    adapter_layernorm: bool = option(False, "a LayerNorm at the input of the stand-alone F/G adapter (meft1/meft2)")
+    adapter_activation: str = option("relu", "the adapters' activation", choices=tuple(sorted(ACTIVATIONS)))
+    adapter_dropout: float | None = option(None, "dropout inside the adapters", min=0, lt=1,
+                                           null="the model's hidden dropout")
+    num_rev_layers: int | None = option(None, "how many bottom layers use the reversible backward "
+                                        "(0: plain autograd, same maths)", min=0, null="all layers")
+    lam: float | None = option(None, "the scale λ of x1 (the inverse divides by it)", nonzero=True,
+                               null="the variant's default")
+    beta: float | None = option(None, "the scale β of x2 (the inverse divides by it)", nonzero=True,
+                                null="the variant's default")
+    inverse: str = option("exact", "how the backward rebuilds each layer's inputs", choices={
+        "exact": "fixed-point streams, bit-exact at any depth", "float": "the paper's division"})
+    gradient_checkpointing: bool = option(False, "gradient checkpointing (false only: MEFT's backward recomputes)")
 
     def for_model(self, config, method: str) -> "MeftOptions":
         """λ/β left at None take the variant's value for ``config``'s family: the paper's, or
@@ -109,29 +110,7 @@ class MeftOptions:
         return dataclasses.replace(self, lam=float(lam), beta=float(beta))
 
     def __post_init__(self):
-        if not isinstance(self.bottleneck, int) or isinstance(self.bottleneck, bool) or self.bottleneck < 1:
-            raise ConfigError(f"method.bottleneck={self.bottleneck}: the adapter bottleneck must be an integer >= 1")
-        if self.adapter_activation not in ACTIVATIONS:
-            raise ConfigError(f"method.adapter_activation={self.adapter_activation!r}: "
-                              f"choose one of {', '.join(sorted(ACTIVATIONS))}")
-        if self.adapter_dropout is not None and not (_is_number(self.adapter_dropout) and 0 <= self.adapter_dropout < 1):
-            raise ConfigError(f"method.adapter_dropout={self.adapter_dropout}: must be in [0, 1), "
-                              "or null for the model's hidden dropout")
-        if self.num_rev_layers is not None and (
-            not isinstance(self.num_rev_layers, int) or isinstance(self.num_rev_layers, bool) or self.num_rev_layers < 0
-        ):
-            raise ConfigError(f"method.num_rev_layers={self.num_rev_layers}: must be an integer >= 0 "
-                              "(at most the number of layers), or null for all layers")
-        for key in ("lam", "beta"):
-            value = getattr(self, key)
-            if value is None:
-                continue
-            if not _is_number(value) or not math.isfinite(value) or value == 0:
-                raise ConfigError(f"method.{key}={value}: must be a finite non-zero number "
-                                  f"(the inverse divides by it), or null for the variant's default")
-        if self.inverse not in INVERSES:
-            raise ConfigError(f"method.inverse={self.inverse!r}: choose exact (fixed-point streams, bit-exact at any "
-                              "depth) or float (the paper's division)")
+        super().__post_init__()
         if self.gradient_checkpointing:
             raise ConfigError("method.gradient_checkpointing=true: MEFT's reversible backward already recomputes "
                               "activations and cannot be combined with checkpointing; set it to false")

@@ -86,6 +86,7 @@ import torch.nn as nn
 from memtl.errors import ConfigError
 from memtl.methods import architecture_installer, register_method
 from memtl.methods.bert_family import unfreeze_head
+from memtl.methods.options import MethodOptions, is_int, is_number, option
 from memtl.methods.sherl.bert import SherlEncoder
 from memtl.methods.sherl.late import add_adapters, add_lora
 from memtl.methods.sherl.side import PROJECTIONS, START_FORMS, AntiRedundancyFusion, SideModule
@@ -123,30 +124,27 @@ def family(model_type: str | None) -> str:
     return "decoder_lm" if model_type in DECODER_LM_TYPES else "paper"
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 @dataclass
-class SherlOptions:
-    late_layers: int | None = None  # None: the family's (FAMILY_DEFAULTS)
-    side_width: int | None = None  # None: hidden size / 2
-    projection: str = "linear"
-    gate_temperature: float = 0.1
-    gate_init: float = 0.0  # tanh(g/T) at init; 0 = closed (DESIGN §2)
-    preserve_start: bool | None = None  # late layers receive exactly h_{N-k} at init; None: the family's
-    start_form: str = "out_proj"  # how the side correction starts at 0 (preserve_start)
-    late_tuning: str | None = None  # None: the family's
-    late_lora_r: int = 8
-    late_lora_alpha: float = 16
-    late_adapter_bottleneck: int = 8
-    dropout: float | None = None  # None: the model's hidden dropout
-    recompute_side: bool = True  # recompute the side module in backward (late layers keep theirs)
-    gradient_checkpointing: bool = False
+class SherlOptions(MethodOptions):
+    late_layers: int | None = option(None, "k, the late layers that run with autograd (below the number of layers)",
+                                     min=1, null="the backbone family's default")
+    side_width: int | None = option(None, "d', the side module's width", min=1, null="half the hidden size")
+    projection: str = option("linear", "the projection of each kept layer", choices=tuple(PROJECTIONS))
+    gate_temperature: float = option(0.1, "T of the skip gate tanh(g/T) (authors: 0.1)", gt=0)
+    gate_init: float = option(0.0, "the skip gate's opening tanh(g/T) at init (0 = closed, DESIGN §2)", gt=-1, lt=1)
+    preserve_start: bool | None = option(None, "keeping the pre-trained starting point (the late layers receive "
+                                         "exactly h_{N-k} at init)", null="the backbone family's default")
+    start_form: str = option("out_proj", "how the side correction starts at 0 (preserve_start)",
+                             choices=START_FORMS)
+    late_tuning: str | None = option(None, "what trains in the late layers", choices=LATE_TUNING,
+                                     null="the backbone family's default")
+    late_lora_r: int = option(8, "the late layers' LoRA rank (late_tuning=lora)", min=1)
+    late_lora_alpha: float = option(16, "the late layers' LoRA alpha (late_tuning=lora)", gt=0)
+    late_adapter_bottleneck: int = option(8, "the late adapters' width (late_tuning=adapter)", min=1)
+    dropout: float | None = option(None, "dropout of the side output block and the late LoRA/adapter inputs",
+                                   min=0, lt=1, null="the model's hidden dropout")
+    recompute_side: bool = option(True, "recomputing the side module in backward (the late layers keep theirs)")
+    gradient_checkpointing: bool = option(False, "gradient checkpointing (of the side module and the late layers)")
 
     @staticmethod
     def default_lr(model_type: str | None) -> float:
@@ -160,52 +158,16 @@ class SherlOptions:
         chosen = {k: v for k, v in defaults.items() if k != "lr" and getattr(self, k) is None}
         if "late_layers" in chosen:
             layers = getattr(config, "num_hidden_layers", None) or getattr(config, "decoder_layers", None)
-            if _is_int(layers) and layers >= 2:
+            if is_int(layers) and layers >= 2:
                 chosen["late_layers"] = min(chosen["late_layers"], layers - 1)
         return dataclasses.replace(self, **chosen)
 
     def __post_init__(self):
-        if self.late_layers is not None and (not _is_int(self.late_layers) or self.late_layers < 1):
-            raise ConfigError(f"method.late_layers={self.late_layers}: must be an integer >= 1 "
-                              "(and below the number of layers)")
-        if self.side_width is not None and (not _is_int(self.side_width) or self.side_width < 1):
-            raise ConfigError(f"method.side_width={self.side_width}: must be an integer >= 1, "
-                              "or null for half the hidden size")
-        if self.projection not in PROJECTIONS:
-            raise ConfigError(f"method.projection={self.projection!r}: choose one of {', '.join(PROJECTIONS)}")
-        if not _is_number(self.gate_temperature) or not math.isfinite(self.gate_temperature) \
-                or self.gate_temperature <= 0:
-            raise ConfigError(f"method.gate_temperature={self.gate_temperature}: must be a finite number > 0 "
-                              "(authors: 0.1)")
-        if not _is_number(self.gate_init) or not -1 < self.gate_init < 1:
-            raise ConfigError(f"method.gate_init={self.gate_init}: the skip gate's opening tanh(g/T) at init "
-                              "must be in (-1, 1); 0 = closed (DESIGN §2)")
-        if self.preserve_start is not None and not isinstance(self.preserve_start, bool):
-            raise ConfigError(f"method.preserve_start={self.preserve_start!r}: must be true or false "
-                              "(or null for the backbone family's default)")
-        if self.start_form not in START_FORMS:
-            raise ConfigError(f"method.start_form={self.start_form!r}: choose one of {', '.join(START_FORMS)}")
+        super().__post_init__()
         if self.preserve_start and self.gate_init != 0:
             raise ConfigError(f"method.gate_init={self.gate_init} with method.preserve_start=true (the default on "
                               "decoder LMs): the kept starting point has no gate (skip weight 1); leave gate_init "
                               "at 0, or set method.preserve_start=false")
-        if self.late_tuning is not None and self.late_tuning not in LATE_TUNING:
-            raise ConfigError(f"method.late_tuning={self.late_tuning!r}: choose one of {', '.join(LATE_TUNING)}")
-        if not _is_int(self.late_lora_r) or self.late_lora_r < 1:
-            raise ConfigError(f"method.late_lora_r={self.late_lora_r}: the LoRA rank must be an integer >= 1")
-        if not _is_number(self.late_lora_alpha) or not math.isfinite(self.late_lora_alpha) \
-                or self.late_lora_alpha <= 0:
-            raise ConfigError(f"method.late_lora_alpha={self.late_lora_alpha}: must be a finite number > 0")
-        if not _is_int(self.late_adapter_bottleneck) or self.late_adapter_bottleneck < 1:
-            raise ConfigError(f"method.late_adapter_bottleneck={self.late_adapter_bottleneck}: "
-                              "must be an integer >= 1")
-        if self.dropout is not None and not (_is_number(self.dropout) and 0 <= self.dropout < 1):
-            raise ConfigError(f"method.dropout={self.dropout}: must be in [0, 1), "
-                              "or null for the model's hidden dropout")
-        if not isinstance(self.recompute_side, bool):
-            raise ConfigError(f"method.recompute_side={self.recompute_side!r}: must be true or false")
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise ConfigError(f"method.gradient_checkpointing={self.gradient_checkpointing!r}: must be true or false")
 
 
 def hidden_dropout(config) -> float:
@@ -213,7 +175,7 @@ def hidden_dropout(config) -> float:
     ``dropout``; LLaMA has none (0)."""
     for name in ("hidden_dropout_prob", "dropout"):
         p = getattr(config, name, None)
-        if _is_number(p):
+        if is_number(p):
             return float(p)
     return 0.0
 
