@@ -210,7 +210,7 @@ CASES = [
     ("preflight", ["method=sherl", "method.gate_temperature=true"], None,
      "method.gate_temperature=True: T of the skip gate tanh(g/T) (authors: 0.1) must be a number > 0", 2),
     ("preflight", ["method=sherl", "method.gate_init=abc"], None,
-     "method.gate_init='abc': the skip gate's opening tanh(g/T) at init (0 = closed, DESIGN §2) must be a "
+     "method.gate_init='abc': the skip gate's opening tanh(g/T) at init (0 = closed, docs/DESIGN.md §2) must be a "
      "number in (-1, 1)", 2),
     ("preflight", ["method=sherl", "method.preserve_start=maybe"], None,
      "method.preserve_start='maybe': keeping the pre-trained starting point (the late layers receive exactly "

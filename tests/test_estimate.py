@@ -25,7 +25,7 @@ def test_prediction_matches_the_benchmark_on_tiny(method, batch, seq):
 
 
 def test_prediction_tracks_depth_like_the_methods_promise():
-    """Full fine-tuning grows with depth, MEFT does not (DESIGN §1.1) but for the exact
+    """Full fine-tuning grows with depth, MEFT does not (docs/DESIGN.md §1.1) but for the exact
     inverse's remainders, log2(10) bits per element per scaling and layer; the estimator knows."""
     def peaks(method):
         return [simulate(load_geometry("minilm-random", n), METHODS[method], 16, 128) for n in (6, 12)]

@@ -393,7 +393,7 @@ def test_minilm_starting_point():
         print(f"{variant}: cos(final averaged streams, PLM) = {averaged:.4f}; "
               f"cos(stream carrying the PLM chain, PLM) = {best_stream:.4f}")
         # The averaged output mixes the last PLM layer with the previous one held in the other
-        # stream (DESIGN §1.2), so it is ~0.8 here; the PLM-carrying stream stays close to 1.
+        # stream (docs/DESIGN.md §1.2), so it is ~0.8 here; the PLM-carrying stream stays close to 1.
         assert averaged > 0.7
         assert best_stream > (0.95 if variant != "meft3" else 0.9)
 

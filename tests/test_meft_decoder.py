@@ -210,7 +210,7 @@ def test_plm_chain_is_the_unmodified_model_as_the_scales_vanish(variant, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_starting_point_close_to_the_unmodified_model(arch):
     """At init (adapters ~ 0) the last hidden states stay close to the pre-trained model's:
-    each layer's PLM output lands in the stream the next PLM block reads (DESIGN §1.3).
+    each layer's PLM output lands in the stream the next PLM block reads (docs/DESIGN.md §1.3).
     Weights ~ N(0, 0.15²) instead of HF's 0.02 so that the layers really move the hidden
     states (without them the cosine drops to ~0.1-0.4), else the check would be trivial."""
     batch = make_batch(arch, "seq")

@@ -1,4 +1,4 @@
-"""MEFT's exact inverse (DESIGN §1.7): fixed-point streams, remainders, range errors.
+"""MEFT's exact inverse (docs/DESIGN.md §1.7): fixed-point streams, remainders, range errors.
 
 Bit-exact reconstruction at 24 layers in float32 and under bf16 autocast, float32
 gradients at depth against plain autograd (``num_rev_layers=0``) on every architecture,

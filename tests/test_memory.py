@@ -1,4 +1,4 @@
-"""StepMemoryMeter against hand-computed sizes (DESIGN §4)."""
+"""StepMemoryMeter against hand-computed sizes (docs/DESIGN.md §4)."""
 import torch
 from torch.utils.checkpoint import checkpoint
 

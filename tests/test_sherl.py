@@ -58,7 +58,7 @@ def encoder_of(model) -> SherlEncoder:
 
 
 def fusion_by_loops(shallow, deep, w, b):
-    """DESIGN §2 written out token by token, layer by layer (float64 python scalars)."""
+    """docs/DESIGN.md §2 written out token by token, layer by layer (float64 python scalars)."""
     *lead, L, d = shallow.shape
     flat_s, flat_d = shallow.reshape(-1, L, d).tolist(), deep.reshape(-1, d).tolist()
     w, b = w.detach().tolist(), float(b.detach())

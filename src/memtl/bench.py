@@ -6,7 +6,7 @@
     memtl bench --seq-len 64,128,256 --batch-size 8,16    # memory vs length / batch plots
 
 For every method: peak step memory (forward + backward, relative to just before the
-step; DESIGN §4), saved-for-backward bytes, and the median time of a full training step
+step; docs/DESIGN.md §4), saved-for-backward bytes, and the median time of a full training step
 (forward, backward, AdamW update) — absolute and as ratios to full fine-tuning. Steps of
 the methods are interleaved, and process CPU time is reported beside wall time, so that
 the ratios hold on a machine other jobs share. Writes bench.json, bench.csv and plots.

@@ -18,7 +18,7 @@ the per-op rules were read off the saved tensors of a tiny BERT
 
 Two figures per method:
 
-* peak step memory - DESIGN §4's headline, what ``memtl bench`` measures: the peak of
+* peak step memory - docs/DESIGN.md §4's headline, what ``memtl bench`` measures: the peak of
   live bytes during forward + backward above the pre-step baseline. The parameter
   gradients are allocated inside the step (the benchmark zeroes them with
   ``set_to_none``), so they are part of it; parameters and AdamW state are not.

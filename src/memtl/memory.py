@@ -1,4 +1,4 @@
-"""Honest memory figures for one training step (DESIGN §4).
+"""Honest memory figures for one training step (docs/DESIGN.md §4).
 
 ``StepMemoryMeter`` is started just before a step and stopped right after its backward:
 

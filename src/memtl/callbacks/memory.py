@@ -1,7 +1,7 @@
 """Memory and throughput of real training steps, logged to every logger.
 
 On a few chosen training batches the callback measures one full step (forward +
-backward) with ``StepMemoryMeter`` (DESIGN §4); on the others it times the step. Grads
+backward) with ``StepMemoryMeter`` (docs/DESIGN.md §4); on the others it times the step. Grads
 are set to None just before a measured step (Lightning would do it before the backward
 anyway), so the figure is "relative to just before the step" exactly as in the benchmark.
 """

@@ -6,7 +6,7 @@ The pre-trained weights are frozen; adapters and the task head train (``classifi
 ``score`` / ``qa_outputs`` and the backbone's pooler when it has one; LM heads stay
 frozen, their decoder is tied to the word embeddings). During backward
 the activations of the reversible layers are reconstructed from the layer outputs, so
-peak activation memory does not grow with depth (DESIGN §1). Layout:
+peak activation memory does not grow with depth (docs/DESIGN.md §1). Layout:
 
 - ``engine.py``    the reversible ``autograd.Function`` (architecture-agnostic)
 - ``adapters.py``  the adapter module and the three variants' wiring of F, G, λ, β
@@ -31,7 +31,7 @@ Options (shared by the three names; ``None`` picks the variant's default):
   paper's); on pre-norm decoders (OPT pre-LN, LLaMA) MEFT1 0.01/1, MEFT2 1/0.01, MEFT3
   0.001/0.001, which keep SmolLM2-135M's pre-trained starting point (docs/RESULTS.md).
 - ``inverse``: how the backward reconstructs each layer's inputs. ``exact`` (default):
-  fixed-point streams, bit-exact at any depth and precision (DESIGN §1.7), for a small
+  fixed-point streams, bit-exact at any depth and precision (docs/DESIGN.md §1.7), for a small
   integer residual beside each stream's float view and log2(q) bits per element per
   λ = p/q ≠ 1 and layer; λ and β must then be rationals p/q with |p|, q <= 65536.
   ``float``: the paper's division in the model's dtype, whose rounding error grows ~1/λ

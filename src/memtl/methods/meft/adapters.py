@@ -2,7 +2,7 @@
 
 A MEFT layer works on two streams and needs two functions, F and G (see ``engine.py``).
 Which pre-trained block plays F and which plays G is what distinguishes the variants
-(DESIGN §1.3); the architecture only has to provide three callables
+(docs/DESIGN.md §1.3); the architecture only has to provide three callables
 (``whole_layer``, ``attention_block``, ``feed_forward_block``) and host the adapters.
 """
 from __future__ import annotations

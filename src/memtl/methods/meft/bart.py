@@ -21,7 +21,7 @@ Blocks (post-LayerNorm, like BERT; LayerNorm eps is BART's, 1e-5):
   adapter, → residual → ``final_layer_norm``;
 - whole layer: attention block(s) then feed-forward block.
 
-F and G per variant (DESIGN §1.3), identical in both stacks except that a decoder's
+F and G per variant (docs/DESIGN.md §1.3), identical in both stacks except that a decoder's
 "attention block" is self- plus cross-attention:
 
 - MEFT1: F = whole layer (incl. cross-attention in the decoder), G = adapter; λ=0.1, β=1.

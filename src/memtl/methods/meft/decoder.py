@@ -6,7 +6,7 @@ sub-modules under the same names (OPT: ``self_attn``, ``self_attn_layer_norm``, 
 ``post_attention_layernorm``), so pre-trained state-dict keys are unchanged; the adapters
 sit beside them (``ffn_adapter``, ``attn_adapter``, ``rev_adapter``).
 
-The blocks, with their residual inside (DESIGN §1.5):
+The blocks, with their residual inside (docs/DESIGN.md §1.5):
 
     pre-norm  (OPT-125m/1.3b, LLaMA)    attention_block(x)    = x + A(x),  A(x) = Attn(N1(x)) [+ adapter]
                                         feed_forward_block(h) = h + FFN(N2(h)) + ffn_adapter(N2(h))
@@ -23,7 +23,7 @@ to a subclass (``MeftOPTDecoder``; ``MeftLlamaModel``) whose ``forward`` does wh
 (embeddings, OPT's ``project_in``/``project_out`` and learned positions or LLaMA's rotary
 embeddings, ``create_causal_mask``, final norm) but runs the layers as a reversible stack:
 both streams start from the embedding output and are averaged before the final norm
-(DESIGN §1.2). The per-layer context handed to F and G is a ``DecoderContext`` (mask,
+(docs/DESIGN.md §1.2). The per-layer context handed to F and G is a ``DecoderContext`` (mask,
 rotary cos/sin): non-differentiable, passed through the engine untouched. Sequence
 classification (last non-pad token), causal-LM and QA heads are HF's own and unchanged.
 

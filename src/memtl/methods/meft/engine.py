@@ -2,7 +2,7 @@
 
 A layer is anything with ``f(x, *context)``, ``g(x, *context)``, ``lam``, ``beta``,
 ``switch`` and ``parameters()`` (an ``nn.Module``); the engine knows nothing about the
-architecture. One layer (DESIGN §1.1):
+architecture. One layer (docs/DESIGN.md §1.1):
 
     y1 = lam·x1 + F(x2)          x2 = (y2 − G(y1)) / beta
     y2 = beta·x2 + G(y1)         x1 = (y1 − F(x2)) / lam
@@ -18,7 +18,7 @@ plain autograd. Without grad (eval, ``torch.no_grad``) every layer is a plain fo
 
 Two arithmetics for the reversible layers (``inverse``):
 
-- ``"exact"`` (DESIGN §1.7): the streams are int64 fixed point, value = n·2⁻³², so adding
+- ``"exact"`` (docs/DESIGN.md §1.7): the streams are int64 fixed point, value = n·2⁻³², so adding
   F's output (rounded to that grid) is exact, and multiplying by lam = p/q keeps the
   remainder of the division by q in a per-stack buffer (``RemainderStack``, packed in
   mixed radix: log2(q) bits per element per layer). The inverse recovers the forward's
@@ -585,7 +585,7 @@ def reversible_stack(x1: Tensor, x2: Tensor, layers: Sequence[nn.Module], contex
 
 
 def run_stack(stack: nn.Module, h: Tensor, layers: Sequence[nn.Module], context: tuple, name: str) -> Tensor:
-    """A MEFT stack's forward (DESIGN §1.2): both streams start from ``h``, run through
+    """A MEFT stack's forward (docs/DESIGN.md §1.2): both streams start from ``h``, run through
     ``layers`` as set by ``stack.num_rev_layers`` and ``stack.inverse``, and their average
     comes back. ``stack.recorded`` (a list, set by diagnostics.py for one forward) receives
     what the layers ran on, so reconstruction can be measured without redoing the forward."""

@@ -1,6 +1,7 @@
-"""SHERL: early anti-redundancy route + late-layer route (Diao et al., ECCV 2024; DESIGN §2).
+"""SHERL: early anti-redundancy route + late-layer route (Diao et al., ECCV 2024; docs/DESIGN.md §2).
 
-    model = memtl.apply_method(model, "sherl", late_layers=1)
+    model = memtl.apply_method(model, "sherl")                 # the backbone family's defaults
+    model = memtl.apply_method(model, "sherl", late_layers=1, preserve_start=True)
 
 The embeddings and the first N−k pre-trained layers run under ``torch.no_grad()``: no
 autograd graph, no gradient, none of their internals kept. Their outputs h_0 … h_{N−k}
@@ -10,7 +11,7 @@ enters the last k pre-trained layers, which run with autograd, then the task hea
 Layout:
 
 - ``side.py`` projections, anti-redundancy fusion, output block (architecture-agnostic)
-- ``late.py`` optional LoRA / adapters in the late layers
+- ``late.py`` optional LoRA (peft) / adapters in the late layers
 - ``bert.py`` BERT/RoBERTa: the encoder replacement
 - ``decoder.py`` OPT and LLaMA: hooks that split the HF decoder stack (also used by BART)
 - ``bart.py`` BART: encoder + early decoder layers on the early route, last k decoder layers late
@@ -20,59 +21,18 @@ Trainable: the side module (projections, fusion w/b, output block, gate g), the 
 when it has one), and the late-layer LoRA/adapters when enabled. Every pre-trained weight is
 frozen, LM heads included (OPT/BART tie theirs to the input embeddings, which are early).
 
-Options:
+Options: declared once in ``SherlOptions`` below (``memtl options sherl``); what each does,
+the family defaults (None: the backbone family's value, ``FAMILY_DEFAULTS``) and the
+kept starting point (``preserve_start``): docs/methods.md, "SHERL".
 
-- ``late_layers``: k, the late layers that run with autograd (authors' BERT code: 1);
-  1 <= k < number of layers (BART: decoder layers).
-- ``side_width``: d', the side module's width; ``None`` = hidden/2. The authors' BERT text
-  encoder uses 1024/2; we keep the ratio (half the hidden size) rather than the absolute
-  512, which would be wider than small backbones such as MiniLM (hidden 384).
-- ``projection``: ``linear`` = Linear(d→d') + LayerNorm per kept feature (BERT variant);
-  ``gated`` = the T5 variant's gated two-layer MLP ``x = relu(fc1 h)``,
-  ``z = (fc2 x + x)·sigmoid(fc3 x)``.
-- ``gate_temperature``: T of the skip gate ``tanh(g/T)`` (authors: 0.1; g starts at 0).
-  Training logs the gate's opening as ``sherl/skip_gate`` at each evaluation, and
-  results.json keeps the final value (``diagnostics.sherl_skip_gate``; with
-  ``preserve_start``: ``sherl_side_scale`` or ``sherl_out_proj_rms``, see below).
-- ``gate_init``: the gate's opening tanh(g/T) at init, in (-1, 1). 0 (closed) is DESIGN §2
-  and the authors' setting: the late layers start from the side network's output alone.
-  A value near 1 makes SHERL start from the pre-trained function plus the side output
-  (an experiment beside the paper's method, not SHERL as specified).
-- ``preserve_start``: keep the pre-trained starting point (DESIGN §2 "Starting point"):
-  the late layers receive exactly h_{N−k} at init, so the model's outputs equal the
-  pre-trained model's, and the side module learns a correction added to it (skip weight
-  1, no gate; ``gate_temperature``/``gate_init`` then do not apply). ``start_form`` says
-  how the correction starts at 0: ``out_proj`` (the output block's Linear zero at init and
-  last, its LayerNorm before it) or ``scale`` (the paper's block times a learnable scalar
-  initialised to 0). The chosen default and the measurements behind it are in RESULTS.
-- ``late_tuning``: ``frozen`` (authors' default: the late layers stay frozen, gradients
-  flow through them into the side module), ``lora`` (LoRA on their attention query/value,
-  rank ``late_lora_r``, scale ``late_lora_alpha/late_lora_r``, B = 0 at init) or
-  ``adapter`` (Houlsby-style adapters after their attention and feed-forward output
-  projections, bottleneck ``late_adapter_bottleneck``, near zero at init).
-- ``dropout``: dropout of the side module's output block and of the late LoRA/adapter
-  inputs; ``None`` = the model's hidden dropout (``hidden_dropout_prob``; BART/OPT
-  ``dropout``; LLaMA has none: 0).
-- ``recompute_side`` (default on): recompute the side module in backward (each projection
-  on its own, from its input h_i) while the late layers keep their activations. Between
-  forward and backward the early route then holds only the h_i; the recompute is the
-  projections, fusion and output block, small beside the late layers (peak and time at
-  BERT-base geometry: docs/RESULTS.md). ``false`` keeps the side module's activations (the
-  authors' code).
-- ``gradient_checkpointing``: recompute, in backward, the side module (each projection
-  on its own, from its input h_i) and the late layers (non-reentrant
-  ``torch.utils.checkpoint``). The early route is never recomputed: it has no backward.
-  Between forward and backward there then remain only the h_i (one d-wide tensor per
-  early layer, what P_i's weight gradient needs) and the late layers' inputs. Off by
-  default (the authors' setting); the saved-tensor hook of ``StepMemoryMeter`` cannot see
-  inside a checkpoint, so compare peak step memory, not saved bytes.
-
-Memory (DESIGN §4), per extra early layer and token: h_i (d floats, needed for P_i's
+Memory (docs/DESIGN.md §4), per extra early layer and token: h_i (d floats, needed for P_i's
 weight gradient; the floor short of recomputing frozen layers) plus, without
 checkpointing, P_i's pre-LayerNorm output and z_i (d' each): 2d at d' = d/2. The fusion's
-hand-written backward keeps a single d'-wide gradient buffer per layer. Measured (CPU
-profiler, random BERT hidden 384, 8 x 128, k = 1): +3.0 MiB per early layer (+1.5 with
-checkpointing) against +45 MiB per layer for full fine-tuning, i.e. 6.7% (3.4%).
+hand-written backward keeps a single d'-wide gradient buffer per layer (measured per
+layer: docs/RESULTS.md, "Depth sweep"). ``recompute_side`` (default) recomputes the side module in
+backward, so between forward and backward the early route holds only the h_i;
+``gradient_checkpointing`` recomputes the late layers too (compare peak step memory then:
+the saved-tensor hook of ``StepMemoryMeter`` cannot see inside a checkpoint).
 """
 from __future__ import annotations
 
@@ -131,7 +91,7 @@ class SherlOptions(MethodOptions):
     side_width: int | None = option(None, "d', the side module's width", min=1, null="half the hidden size")
     projection: str = option("linear", "the projection of each kept layer", choices=tuple(PROJECTIONS))
     gate_temperature: float = option(0.1, "T of the skip gate tanh(g/T) (authors: 0.1)", gt=0)
-    gate_init: float = option(0.0, "the skip gate's opening tanh(g/T) at init (0 = closed, DESIGN §2)", gt=-1, lt=1)
+    gate_init: float = option(0.0, "the skip gate's opening tanh(g/T) at init (0 = closed, docs/DESIGN.md §2)", gt=-1, lt=1)
     preserve_start: bool | None = option(None, "keeping the pre-trained starting point (the late layers receive "
                                          "exactly h_{N-k} at init)", null="the backbone family's default")
     start_form: str = option("out_proj", "how the side correction starts at 0 (preserve_start)",

@@ -6,7 +6,7 @@ With N decoder layers and k late layers:
   (``embed_tokens``, ``embed_positions``, ``layernorm_embedding``) and decoder layers
   1 … N−k, whose cross-attention reads the encoder output;
 - side module: fuses the decoder stream's features h_0 (decoder embedding output) …
-  h_{N−k} (DESIGN §2) into the input of the late layers;
+  h_{N−k} (docs/DESIGN.md §2) into the input of the late layers;
 - late route (autograd): the last k decoder layers, self-attending causally to the side
   module's output and cross-attending to the (gradient-free) encoder output, then the head:
   ``BartForSequenceClassification``'s EOS-token ``classification_head`` (trains), or the

@@ -7,7 +7,7 @@ mask (from ``attention_mask``, any attention implementation), LLaMA's rotary cos
 layer loop, the final norm (OPT ``final_layer_norm`` / LLaMA ``norm``), OPT-350m's
 ``project_out`` and the heads. So ``model(input_ids, attention_mask, labels)`` works as
 before for ``*Model``, ``*ForCausalLM`` and ``*ForSequenceClassification``. Hooks on the HF
-modules split that forward into SHERL's two routes (DESIGN §2):
+modules split that forward into SHERL's two routes (docs/DESIGN.md §2):
 
 - early route: the embedding modules and ``layers[:N-k]`` run under ``torch.no_grad()``;
   the inputs of ``layers[0 … N-k]`` are kept, detached: h_0 (the embedding output) …

@@ -1,10 +1,10 @@
-"""The side module of SHERL's early route (DESIGN §2), independent of any architecture.
+"""The side module of SHERL's early route (docs/DESIGN.md §2), independent of any architecture.
 
     z_i = P_i(h_i)                              one projection per kept feature (d -> d')
     u   = AntiRedundancyFusion(z_0..z_{L-1}, z_L)
     out = Dropout(LayerNorm(Linear(ReLU(u)))) + tanh(g / T) * h_L
 
-With the pre-trained starting point kept (``keep_pretrained_start``, DESIGN §2 "Starting
+With the pre-trained starting point kept (``keep_pretrained_start``, docs/DESIGN.md §2 "Starting
 point") the skip weight is 1 and the side output starts at exactly 0:
 
     out_proj form:  out = h_L + Dropout(Linear_0(LayerNorm(ReLU(u))))    (Linear_0 zero at init)
@@ -126,10 +126,10 @@ class _FusionFunction(torch.autograd.Function):
 
 
 class AntiRedundancyFusion(nn.Module):
-    """Fuse the shallow features into the deep one, per token (DESIGN §2):
+    """Fuse the shallow features into the deep one, per token (docs/DESIGN.md §2):
 
     - ``ρ_j = Σ_m relu(cos(z_j, z_m))`` over ALL shallow layers m, j itself included (as
-      DESIGN's formula and the authors' ``Guidance.get_redundancy``, whose similarity map
+      docs/DESIGN.md's formula and the authors' ``Guidance.get_redundancy``, whose similarity map
       keeps its diagonal): a layer unlike every other has ρ_j = 1, a layer repeated r times
       has ρ_j ≈ r, so redundant layers share one layer's weight;
     - ``a_j = relu(w·(z_j ⊙ deep) + b) / ρ_j``, then L1-normalised over j;
