@@ -7,7 +7,7 @@ from conftest import tiny_hf_model
 
 import memtl
 from memtl.errors import ConfigError
-from memtl.methods import apply_method, available_methods, count_parameters
+from memtl.methods import apply_method, available_methods, count_parameters, method_options
 
 H, L, FF = 32, 2, 64
 
@@ -117,3 +117,12 @@ def test_head_only_needs_a_task_head():
     with pytest.raises(ConfigError, match="method=head: BertModel has no separate task head"):
         apply_method(BertModel(BertConfig(hidden_size=H, num_hidden_layers=1, num_attention_heads=4,
                                           intermediate_size=FF, vocab_size=100)), "head")
+
+
+def test_list_options_accept_omegaconf_lists():
+    """target_modules from a composed config (a ListConfig) is a list of names; a string is not."""
+    from omegaconf import OmegaConf
+
+    assert method_options("lora", target_modules=OmegaConf.create(["query"])).target_modules == ["query"]
+    with pytest.raises(ConfigError, match=r"method.target_modules='abc'"):
+        method_options("lora", target_modules="abc")

@@ -304,3 +304,31 @@ def test_eval_test_split_writes_qa_predictions(tmp_path):
     assert report["qa_split"] == "test" and len(lines) == report["questions"] == 24  # data.max_eval_samples
     assert all(ln["id"] and 0 <= ln["prediction"] < 5 and ln["answer"] is not None for ln in lines)
     assert report["accuracy"] == pytest.approx(sum(ln["prediction"] == ln["answer"] for ln in lines) / 24)
+
+
+@pytest.mark.parametrize("backbone", ["tiny_llama", "minilm"])
+def test_a_folder_saved_before_peft_wrapped_sherls_late_lora_loads(backbone, tmp_path):
+    """SHERL's late LoRA was hand-written before it went through peft: its saved keys
+    (``q_proj.weight``, ``q_proj.lora_A.weight``) load into peft's names, giving the same logits."""
+    from safetensors.torch import load_file, save_file
+
+    tok = load_tokenizer(entry(backbone))
+    torch.manual_seed(0)
+    model = memtl.apply_method(load_model(entry(backbone), 3, tok), "sherl", late_layers=1, late_tuning="lora")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # B = 0 at init would hide a LoRA left out on load
+    batch = dict(tok(SENTENCES, padding=True, return_tensors="pt"))
+    batch.pop("token_type_ids", None)
+    with torch.no_grad():
+        logits = model.eval()(**batch).logits
+    memtl.save_pretrained(model, tmp_path / "m", tokenizer=tok)
+    weights = tmp_path / "m" / "model.safetensors"
+    state = load_file(str(weights))
+    legacy = {k.replace(".base_layer.", ".").replace(".default.", "."): v for k, v in state.items()}
+    assert any(".lora_A.weight" in k for k in legacy) and legacy.keys() != state.keys()
+    save_file(legacy, str(weights))
+    with torch.no_grad():
+        again = memtl.from_pretrained(tmp_path / "m")(**batch).logits
+    torch.testing.assert_close(again, logits, rtol=0, atol=0)

@@ -113,6 +113,7 @@ def test_family_defaults_paper_on_encoders_kept_start_and_late_lora_on_decoder_l
     assert chosen(LlamaConfig(num_hidden_layers=30)) == decoder_lm
     assert chosen(OPTConfig(num_hidden_layers=24)) == decoder_lm
     assert chosen(LlamaConfig(num_hidden_layers=4)) == (True, 3, "lora")  # shallower than 9: k = layers - 1
+    assert chosen(LlamaConfig(num_hidden_layers=1)) == (True, 1, "lora")  # (then the installer's error names k and the depth)
     assert chosen(LlamaConfig(num_hidden_layers=30), late_layers=2, late_tuning="frozen",
                   preserve_start=False) == (False, 2, "frozen")
     assert chosen(BertConfig(), preserve_start=True) == (True, 1, "frozen")

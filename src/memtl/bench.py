@@ -42,6 +42,8 @@ METHOD_SPECS = {
     "sherl": ("sherl", {}),
     "sherl+keep": ("sherl", {"recompute_side": False}),  # the side module's activations kept (authors' code)
     "sherl+ckpt": ("sherl", {"gradient_checkpointing": True}),
+    # the paper's setting on every backbone (decoder LMs default to the kept start + late LoRA)
+    "sherl+paper": ("sherl", {"preserve_start": False, "late_layers": 1, "late_tuning": "frozen"}),
     "head": ("head", {}),  # linear probe: only the task head trains
 }
 PEERS = ["full", "lora", "full+ckpt", "lora+ckpt"]  # always measured (unless --no-peers: full only)

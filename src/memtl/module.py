@@ -142,6 +142,11 @@ class FineTuneModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        from memtl.pretrained import peft_key_names
+
+        # a checkpoint from before SHERL's late LoRA went through peft: its keys, renamed
+        names = {f"model.{k}": None for k in self.model.state_dict()}
+        checkpoint["state_dict"] = peft_key_names(checkpoint["state_dict"], names)
         state = checkpoint.get("memtl", {})
         if self.trainer.state.fn != "fit":
             return  # e.g. testing the best checkpoint: keep this run's history

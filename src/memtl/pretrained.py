@@ -222,8 +222,8 @@ def _load_weights(wrapped: nn.Module, model: nn.Module, folder: Path, m: Mapping
         return
     from safetensors.torch import load_file
 
-    state = load_file(str(folder / m["weights"]))
     target = wrapped.state_dict(keep_vars=True)
+    state = peft_key_names(load_file(str(folder / m["weights"])), target)
     expected = set(target) if m.get("weights_cover") == "all" else \
         {n for n, p in wrapped.named_parameters() if p.requires_grad}
     unexpected = sorted(set(state) - set(target))
@@ -233,6 +233,15 @@ def _load_weights(wrapped: nn.Module, model: nn.Module, folder: Path, m: Mapping
     with torch.no_grad():
         for k, v in state.items():
             target[k].copy_(v)
+
+
+def peft_key_names(state: dict, target: Mapping[str, Any]) -> dict:
+    """``state`` with keys saved before a layer was wrapped by peft's LoRA (SHERL's late LoRA
+    was hand-written: ``q_proj.weight``, ``q_proj.lora_A.weight``) renamed to the keys they
+    have in ``target`` now (``q_proj.base_layer.weight``, ``q_proj.lora_A.default.weight``)."""
+    plain = {k.replace(".base_layer.", ".").replace(".default.", "."): k for k in target
+             if ".base_layer." in k or ".lora_" in k}
+    return {(plain[k] if k not in target and k in plain else k): v for k, v in state.items()}
 
 
 def _fit(folder: Path, missing: list[str], unexpected: list[str], wrong: list[str] = ()) -> None:

@@ -34,7 +34,7 @@ from memtl.cli import ArgumentParser
 from memtl.errors import ConfigError
 from memtl.methods import method_defaults
 
-METHOD_ORDER = ["full", "full+ckpt", "lora", "lora+ckpt", "meft1", "meft2", "meft3", "sherl", "sherl+keep", "sherl+ckpt", "head"]
+METHOD_ORDER = ["full", "full+ckpt", "lora", "lora+ckpt", "meft1", "meft2", "meft3", "sherl", "sherl+keep", "sherl+ckpt", "sherl+paper", "head"]
 # keys that make two runs "the same configuration" apart from the seed
 SETUP_KEYS = ["backbone", "method_options", "lr", "batch_size", "epochs", "max_length", "precision", "protocol"]
 

@@ -378,6 +378,7 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 def build(cfg: DictConfig, resuming: bool = False):
     """Tokenizer, data, model + method, module, callbacks, loggers and trainer. ``resuming``:
     the run continues an unfinished one in its folder (W&B: the same run)."""
+    fill_family_lr(cfg)  # (validate does it too; build may be called on its own)
     import hydra
     import lightning as L
 

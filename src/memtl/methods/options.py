@@ -23,6 +23,7 @@ import math
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from typing import Any
 
 from memtl.errors import ConfigError
@@ -79,7 +80,9 @@ def _allows(m: dict, kind: type, v: Any) -> bool:
     if kind is bool:
         return isinstance(v, bool)
     if kind is list:
-        return isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(x, str) for x in v)
+        # (an OmegaConf ListConfig is a Sequence too; a str is not a list of names)
+        return (isinstance(v, Sequence) and not isinstance(v, str) and len(v) > 0
+                and all(isinstance(x, str) for x in v))
     if kind is str:
         return isinstance(v, str) and (not m["choices"] or v in m["choices"])
     if not (is_int(v) if kind is int else is_number(v) and math.isfinite(v)):

@@ -117,9 +117,9 @@ class SherlOptions(MethodOptions):
         defaults = FAMILY_DEFAULTS[family(getattr(config, "model_type", None))]
         chosen = {k: v for k, v in defaults.items() if k != "lr" and getattr(self, k) is None}
         if "late_layers" in chosen:
-            layers = getattr(config, "num_hidden_layers", None) or getattr(config, "decoder_layers", None)
-            if is_int(layers) and layers >= 2:
-                chosen["late_layers"] = min(chosen["late_layers"], layers - 1)
+            layers = getattr(config, "num_hidden_layers", None)  # (decoder LMs: their one stack)
+            if is_int(layers):
+                chosen["late_layers"] = max(1, min(chosen["late_layers"], layers - 1))
         return dataclasses.replace(self, **chosen)
 
     def __post_init__(self):
