@@ -79,7 +79,8 @@ def test_an_option_left_null_pools_with_runs_from_before_it_existed(sweep, tmp_p
         res = json.loads(path.read_text())
         if res["config"]["method"]["name"] == "lora" and res["config"]["seed"] == 2:
             assert res["config"]["method"]["target_modules"] is None
-            del res["config"]["method"]["target_modules"]  # as written before the option existed
+            del res["config"]["method"]["target_modules"]  # as written before the option existed,
+            del res["method"]  # and before runs recorded their resolved options
             path.write_text(json.dumps(res))
             edited += 1
     assert edited == 2
@@ -98,12 +99,33 @@ def test_an_option_at_its_default_pools_with_runs_from_before_it_existed(sweep, 
         if res["config"]["method"]["name"] == "lora":
             assert res["config"]["method"]["r"] == 8
             if res["config"]["seed"] == 1 or seed2_r is None:
-                del res["config"]["method"]["r"]
+                del res["config"]["method"]["r"]  # as written before the option existed,
+                del res["method"]  # and before runs recorded their resolved options
             else:
-                res["config"]["method"]["r"] = seed2_r
+                res["config"]["method"]["r"] = res["method"]["options"]["r"] = seed2_r
             path.write_text(json.dumps(res))
     chosen = build_tables(load_runs(runs_dir)[0])["chosen"].set_index("label")
     assert (chosen.loc["lora", "n"], chosen.loc["lora", "configs_tried"]) == ((2, 2) if pooled else (1, 4))
+
+
+def test_an_explicit_option_equal_to_the_backbone_family_default_is_the_default(glue_root, tmp_path):
+    """SHERL's late_tuning defaults to null, which a decoder resolves to lora: a run that sets lora
+    pools with one that leaves it null; another value is its own setup."""
+    out = tmp_path / "sherl"
+    proc = run_cli(["-m", "method=sherl", "method.late_tuning=null,lora,frozen", "backbone=tiny_llama", "task=glue/rte",
+                    f"data.root={glue_root}", "trainer.limit_train_batches=2", "trainer.max_epochs=1",
+                    "data.max_eval_samples=8", "logger=none", "callbacks.memory.measure_batches=[1]",
+                    "callbacks.memory.timing_warmup=1", "trainer.enable_progress_bar=false",
+                    f"hydra.sweep.dir={out}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = load_runs(out)[0]
+    runs = runs.set_index(runs["run"].astype(int)).sort_index()
+    assert [json.loads((out / str(i) / "results.json").read_text())["method"]["options"]["late_tuning"]
+            for i in range(3)] == ["lora", "lora", "frozen"]
+    assert runs.loc[0, "setup"] == runs.loc[1, "setup"] != runs.loc[2, "setup"]
+    assert '"late_tuning": "frozen"' in runs.loc[2, "method_options"] and "late_tuning" not in runs.loc[0, "method_options"]
+    chosen = build_tables(runs)["chosen"].set_index("label")
+    assert chosen.loc["sherl", "n"] == 2 and chosen.loc["sherl", "configs_tried"] == 2
 
 
 def test_siamese_runs_are_their_own_configuration(sweep, tmp_path):

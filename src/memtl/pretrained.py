@@ -43,7 +43,7 @@ def _version() -> str:
     return memtl.__version__
 
 
-def _unwrap(model: nn.Module) -> tuple[nn.Module, str | None]:
+def unwrap(model: nn.Module) -> tuple[nn.Module, str | None]:
     """The model ``apply_method`` returned, and the pair head around it (or None)."""
     from memtl.scoring import MultipleChoiceModel
     from memtl.siamese import SiameseModel
@@ -66,7 +66,7 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None, card: 
     beyond the method and backbone (task, dev metrics, peak memory, command).
     ``training``: the run's config (task, data, ...), kept so that ``eval.py`` can rebuild
     the data the model was selected on."""
-    inner, pair = _unwrap(model)
+    inner, pair = unwrap(model)
     stamp = getattr(inner, "memtl_method", None)
     if stamp is None:
         raise ConfigError(f"save_pretrained: {type(model).__name__} was not prepared by memtl.apply_method; "

@@ -71,11 +71,17 @@ def load_runs(roots: Path | list[Path]) -> tuple[pd.DataFrame, list[dict]]:
             continue
         method = _get(r, "run", "method", default=method_cfg.get("name"))
         label = f"{method}+ckpt" if method_cfg.get("gradient_checkpointing") else method
-        # options at the method's defaults (null included) are left out: a run from before
-        # an option existed (key absent) pools with later runs that leave it at its default
-        defaults = method_defaults(str(method_cfg.get("name")))
-        options = {k: v for k, v in method_cfg.items()
-                   if k not in ("name", "lr") and v is not None and not (k in defaults and defaults[k] == v)}
+        # options at the method's defaults are left out, so that a run from before an option
+        # existed (key absent) pools with later runs that leave it at its default. Runs record
+        # their options resolved for the backbone with the defaults there (an explicit value
+        # equal to the family's default is the default); older runs only have the config
+        recorded = r.get("method") or {}
+        if recorded.get("options") is not None and recorded.get("defaults") is not None:
+            options = {k: v for k, v in recorded["options"].items() if recorded["defaults"].get(k, v) != v}
+        else:
+            defaults = method_defaults(str(method_cfg.get("name")))
+            options = {k: v for k, v in method_cfg.items()
+                       if k not in ("name", "lr") and v is not None and not (k in defaults and defaults[k] == v)}
         trainable, total = _get(r, "params", "trainable"), _get(r, "params", "total")
         rows.append({
             "run": _run_name(path, root, several),

@@ -149,6 +149,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         trainer, module, datamodule, monitor, params = build(cfg, resuming=resume is not None)
         results["params"] = params
+        from memtl.pretrained import unwrap
+
+        stamp = unwrap(module.model)[0].memtl_method  # options resolved for this backbone, and their defaults
+        results["method"] = {"options": stamp["options"], "defaults": stamp["defaults"]}
         write_results(output_dir, results)
         if cfg.get("eval_before") and not resume:
             # the starting point (pre-trained model + method at init) on the dev split; kept

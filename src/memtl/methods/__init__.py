@@ -76,14 +76,22 @@ def apply_method(model: nn.Module, name: str, **options: Any) -> nn.Module:
     The returned object may be a wrapper (e.g. a ``peft`` model for LoRA); always use
     the return value.
     """
-    opts = method_options(name, **options)
-    if hasattr(opts, "for_model"):  # options whose default depends on the backbone family
-        opts = opts.for_model(getattr(model, "config", None), name)
+    config = getattr(model, "config", None)
+    opts = resolved_options(name, config, **options)
     fn, _ = _REGISTRY[name]
     model = fn(model, opts)
-    # what memtl.save_pretrained records, so that from_pretrained can rebuild the model
-    model.memtl_method = {"name": name, "options": dataclasses.asdict(opts)}
+    # options: what memtl.save_pretrained records, so that from_pretrained can rebuild the model;
+    # defaults: what they would have been on this backbone, so a report can tell a choice from a default
+    model.memtl_method = {"name": name, "options": dataclasses.asdict(opts),
+                          "defaults": dataclasses.asdict(resolved_options(name, config))}
     return model
+
+
+def resolved_options(name: str, config, **options: Any):
+    """The options dataclass of method ``name`` with every family-dependent default (``None``)
+    resolved for a backbone of ``config`` (a transformers config, or None)."""
+    opts = method_options(name, **options)
+    return opts.for_model(config, name) if hasattr(opts, "for_model") else opts
 
 
 def architecture_installer(model: nn.Module, package: str, architectures: dict[str, str], method: str):
