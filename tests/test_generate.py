@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, run_cli
 from omegaconf import OmegaConf
 
 from memtl.backbones import load_model, load_tokenizer
@@ -56,3 +56,24 @@ def test_a_cache_with_gradients_on_is_refused(method):
     with pytest.raises((ValueError, ConfigError), match="inference only.*torch.no_grad"):
         model(**batch, use_cache=True)
     model(**batch)  # use_cache unset: no cache, trains as before
+
+
+@pytest.mark.parametrize("method", ["meft2", "sherl"])
+def test_ask_answers_from_a_run_folder_in_a_fresh_process(tmp_path, method):
+    """notebooks/ask.py: a QA run's <run>/model, loaded in a new process, answers a dev question
+    by greedy generate() with the same tokens as without the cache; bad input is one line, exit 2."""
+    proc = run_cli([f"method={method}", "backbone=tiny_llama", "task=qa/arc_easy", "data.max_train_samples=16",
+                    "data.test=false", "trainer.limit_train_batches=2", "trainer.max_epochs=1",
+                    "data.max_eval_samples=8", "logger=none", "trainer.enable_progress_bar=false",
+                    "callbacks.memory.measure_batches=[1]", "callbacks.memory.timing_warmup=1",
+                    f"hydra.run.dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ask = run_cli([str(tmp_path / "model"), "--question", "3", "--tokens", "6"], script="notebooks/ask.py")
+    assert ask.returncode == 0, ask.stderr[-3000:]
+    assert f"{method} answers (greedy, KV cache)" in ask.stdout and "same tokens without the cache: True" in ask.stdout
+    assert "Question: Planets in the solar system" in ask.stdout  # ARC-Easy dev row 3, as trained
+    for args, needle in [(["--question", "9999"], "choose 0..569"), (["--compare-base"], "random backbone"),
+                         ([], "no such folder")]:
+        folder = tmp_path / "model" if args else tmp_path / "missing"
+        bad = run_cli([str(folder), *args], script="notebooks/ask.py")
+        assert bad.returncode == 2 and bad.stderr.startswith("error: ") and needle in bad.stderr, bad.stderr
