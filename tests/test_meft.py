@@ -23,9 +23,8 @@ from conftest import LogRecorder, max_rel_err, tiny_hf_model, trainable_grads
 
 from memtl.errors import ConfigError
 from memtl.methods import apply_method, available_methods, count_parameters
-from memtl.methods.meft import MeftEncoder
 from memtl.methods.meft.adapters import Adapter
-from memtl.methods.meft.bert import self_attention
+from memtl.methods.meft.bert import MeftEncoder, self_attention
 from memtl.methods.meft.dropout import dropout, drop_mask
 from memtl.methods.meft.diagnostics import (
     ReconstructionErrorMonitor,

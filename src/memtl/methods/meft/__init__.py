@@ -10,11 +10,13 @@ peak activation memory does not grow with depth (docs/DESIGN.md §1). Layout:
 
 - ``engine.py``    the reversible ``autograd.Function`` (architecture-agnostic)
 - ``adapters.py``  the adapter module and the three variants' wiring of F, G, λ, β
-- ``bert.py``      BERT/RoBERTa: blocks, adapter placement, encoder replacement
+- ``install.py``   the one install: the HF module owning each layer loop becomes, in place,
+                   a subclass whose forward runs its layers as a reversible stack
+- ``bert.py``      BERT/RoBERTa: blocks, adapter placement, the encoder's forward
 - ``bart.py``      BART: encoder and decoder both reversible (the decoder's backward also
                    returns the encoder output's gradient, so the encoder adapters train)
 - ``decoder.py``   OPT and LLaMA decoders (pre-/post-norm blocks with their residual inside,
-                   causal mask, rotary embeddings): blocks, adapters, layer-loop takeover
+                   causal mask, rotary embeddings): blocks, adapter placement, the decoder's forward
 - ``diagnostics.py`` reconstruction error of every reversible stack, on demand + a Lightning callback
 
 Options (shared by the three names; ``None`` picks the variant's default):
@@ -46,19 +48,18 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from memtl.errors import ConfigError
-from memtl.methods import architecture_installer, register_method
+from memtl.methods import architecture_module, register_method
 from memtl.methods.bert_family import unfreeze_head
 from memtl.methods.meft.adapters import ACTIVATIONS, VARIANTS, Adapter
-from memtl.methods.meft.bert import MeftEncoder
 from memtl.methods.meft.engine import MAX_DENOMINATOR, as_fraction
+from memtl.methods.meft.install import MeftStack, install, stack_layers
 from memtl.methods.options import MethodOptions, option
 
-__all__ = ["MeftOptions", "MeftEncoder", "apply_meft", "VARIANTS", "meft_stacks", "stack_layers"]
+__all__ = ["MeftOptions", "apply_meft", "VARIANTS", "meft_stacks", "stack_layers"]
 
 
-# model_type -> the module of this package that installs MEFT in that architecture; each
-# has ``install(model, variant, lam, beta, num_rev_layers, bottleneck, activation, dropout,
-# adapter_layernorm, inverse) -> backbone``
+# model_type -> the module of this package whose ``SPECS[model_type]`` describes that architecture
+# to install.py (imported on first use: each imports its HF modeling code)
 ARCHITECTURES = {
     "bert": "bert",
     "roberta": "bert",
@@ -68,19 +69,10 @@ ARCHITECTURES = {
 }
 
 
-def meft_stacks(model: nn.Module) -> list[nn.Module]:
+def meft_stacks(model: nn.Module) -> list[MeftStack]:
     """The reversible stacks of a MEFT model, in forward order (BART: encoder, decoder).
-    Each has ``num_rev_layers`` and ``inverse``."""
-    from memtl.methods.meft.bart import MeftBartDecoder, MeftBartEncoder
-    from memtl.methods.meft.decoder import MeftDecoderStack
-
-    kinds = (MeftEncoder, MeftBartEncoder, MeftBartDecoder, MeftDecoderStack)
-    return [m for m in model.modules() if isinstance(m, kinds)]
-
-
-def stack_layers(stack: nn.Module) -> nn.ModuleList:
-    """A stack's MEFT layers (``layer`` in BERT's naming, ``layers`` elsewhere)."""
-    return stack.layer if isinstance(stack, MeftEncoder) else stack.layers
+    Each has ``num_rev_layers`` and ``inverse``; ``stack_layers`` gives its layers."""
+    return [m for m in model.modules() if isinstance(m, MeftStack)]
 
 
 @dataclass
@@ -138,9 +130,8 @@ def apply_meft(model: nn.Module, opts: MeftOptions, variant: str) -> nn.Module:
                     from None
 
     model.requires_grad_(False)  # everything pre-trained is frozen ...
-    install = architecture_installer(model, __name__, ARCHITECTURES, variant)
-    backbone = install(model, v, lam, beta, opts.num_rev_layers, opts.bottleneck, opts.adapter_activation,
-                       opts.adapter_dropout, opts.adapter_layernorm, opts.inverse)
+    arch = architecture_module(model, __name__, ARCHITECTURES, variant).SPECS[model.config.model_type]
+    backbone = install(model, arch, v, opts)
     for m in model.modules():  # ... except the adapters ...
         if isinstance(m, Adapter):
             m.requires_grad_(True)

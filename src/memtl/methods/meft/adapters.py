@@ -2,12 +2,14 @@
 
 A MEFT layer works on two streams and needs two functions, F and G (see ``engine.py``).
 Which pre-trained block plays F and which plays G is what distinguishes the variants
-(docs/DESIGN.md §1.3); the architecture only has to provide three callables
-(``whole_layer``, ``attention_block``, ``feed_forward_block``) and host the adapters.
+(docs/DESIGN.md §1.3); ``MeftLayer`` sets that up and adds the adapters, so an
+architecture's layer only takes over its HF sub-modules and provides two blocks
+(``attention_block``, ``feed_forward_block``; ``whole_layer`` is one after the other).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -94,19 +96,31 @@ VARIANTS: dict[str, Variant] = {
 
 
 class MeftLayer(nn.Module):
-    """Base class of an architecture's reversible layer; provides ``f``/``g`` for the engine.
+    """Base class of an architecture's reversible layer: the variant's set-up (λ, β, switch,
+    adapters) and ``f``/``g`` for the engine.
 
-    Subclasses implement ``attention_block(x, *context)``, ``feed_forward_block(h)`` and
-    ``whole_layer(x, *context)`` (with the adapters inside), and own ``rev_adapter`` when
-    the variant needs one. ``f``/``g`` pass the stack's context (the attention mask; for a
-    decoder also the encoder output and its mask) on to the blocks that read it.
+    A subclass takes over the HF layer's sub-modules in ``take_over`` (under their original
+    names, so pre-trained state-dict keys are unchanged) and implements
+    ``attention_block(x, *context)`` and ``feed_forward_block(h)`` with the adapters inside:
+    ``ffn_adapter`` parallel to the feed-forward block, ``attn_adapter`` (MEFT3) on the
+    attention output projection. ``f``/``g`` pass the stack's context (the attention mask; for
+    a decoder also the encoder output and its mask) on to the blocks that read it.
     """
 
-    variant: Variant
-    lam: float
-    beta: float
-    switch: bool
-    rev_adapter: Adapter | None
+    def __init__(self, hf_layer: nn.Module, variant: Variant, lam: float, beta: float,
+                 make_adapter: Callable[[], Adapter], make_rev_adapter: Callable[[], Adapter]):
+        super().__init__()
+        self.take_over(hf_layer)  # first: the pre-trained modules keep their place in the state dict
+        self.variant, self.lam, self.beta, self.switch = variant, lam, beta, variant.switch
+        self.ffn_adapter = make_adapter()  # every variant
+        self.attn_adapter = make_adapter() if variant.attn_adapter else None  # MEFT3
+        self.rev_adapter = make_rev_adapter() if variant.rev_adapter else None  # MEFT1's G / MEFT2's F
+
+    def take_over(self, hf_layer: nn.Module) -> None:
+        raise NotImplementedError
+
+    def whole_layer(self, x: torch.Tensor, *context) -> torch.Tensor:
+        return self.feed_forward_block(self.attention_block(x, *context))
 
     def _call(self, role: str, x: torch.Tensor, *context) -> torch.Tensor:
         if role == "adapter":

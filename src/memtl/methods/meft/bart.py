@@ -1,11 +1,11 @@
 """BART (post-LayerNorm encoder–decoder) part of MEFT: both stacks reversible.
 
-``BartModel.encoder``/``.decoder`` are replaced by ``MeftBartEncoder``/``MeftBartDecoder``,
-which take over the embeddings (``embed_tokens`` stays tied to ``shared``),
-``embed_positions`` and ``layernorm_embedding`` under their names, and whose ``layers``
-are ``BartMeftLayer``s taking over each HF layer's sub-modules under their names
-(``self_attn``, ``encoder_attn``, ``fc1`` ...): pre-trained state-dict keys are unchanged,
-the adapters are new keys beside them. Both keep HF's call signatures, so
+``BartModel.encoder``/``.decoder`` become ``MeftBartEncoder``/``MeftBartDecoder`` in place
+(install.py), keeping their embeddings (``embed_tokens`` stays tied to ``shared``),
+``embed_positions`` and ``layernorm_embedding``; their ``layers`` are ``BartMeftLayer``s
+taking over each HF layer's sub-modules under their names (``self_attn``, ``encoder_attn``,
+``fc1`` ...): pre-trained state-dict keys are unchanged, the adapters are new keys beside
+them. Both keep HF's call signatures, so
 ``model(input_ids, attention_mask, labels)`` works as before, and the sequence
 classification head still reads the decoder's final EOS token (HF's
 ``BartForSequenceClassification``); ``BartForConditionalGeneration`` and
@@ -50,27 +50,31 @@ nothing is recorded), the decoder-only ``BartForCausalLM``.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPastAndCrossAttentions
-from transformers.models.bart.modeling_bart import BartModel
+from transformers.models.bart.modeling_bart import BartDecoder, BartEncoder, BartModel
 
 from memtl.errors import ConfigError
 from memtl.methods.meft.adapters import Adapter, MeftLayer, Variant
-from memtl.methods.meft.engine import run_stack
+from memtl.methods.meft.install import Architecture, MeftStack
 
 
 class BartMeftLayer(MeftLayer):
     """A BART encoder or decoder layer split into attention and feed-forward blocks, with adapters."""
 
     def __init__(self, hf_layer: nn.Module, variant: Variant, lam: float, beta: float,
-                 make_adapter, make_rev_adapter):
-        super().__init__()
-        self.variant, self.lam, self.beta, self.switch = variant, lam, beta, variant.switch
-        # take over the pre-trained sub-modules under their original names
+                 make_adapter: Callable[[], Adapter], make_rev_adapter: Callable[[], Adapter]):
+        super().__init__(hf_layer, variant, lam, beta, make_adapter, make_rev_adapter)
+        # MEFT3 decoder layers: a second attention adapter, on the cross-attention output
+        self.cross_attn_adapter = make_adapter() if variant.attn_adapter and self.encoder_attn is not None else None
+
+    def take_over(self, hf_layer: nn.Module) -> None:
         self.self_attn = hf_layer.self_attn
         self.self_attn_layer_norm = hf_layer.self_attn_layer_norm
         # decoder layers only: cross-attention on the encoder output
@@ -79,13 +83,6 @@ class BartMeftLayer(MeftLayer):
         self.fc1, self.fc2, self.final_layer_norm = hf_layer.fc1, hf_layer.fc2, hf_layer.final_layer_norm
         self.activation_fn = hf_layer.activation_fn
         self.dropout, self.activation_dropout = hf_layer.dropout, hf_layer.activation_dropout
-        # parallel adapter on the feed-forward block (every variant)
-        self.ffn_adapter = make_adapter()
-        # MEFT3: an adapter on each attention output projection
-        self.attn_adapter = make_adapter() if variant.attn_adapter else None
-        self.cross_attn_adapter = make_adapter() if variant.attn_adapter and self.encoder_attn is not None else None
-        # MEFT1/2: the stand-alone adapter playing G (MEFT1) or F (MEFT2)
-        self.rev_adapter = make_rev_adapter() if variant.rev_adapter else None
 
     def _attend(self, attn: nn.Module, norm: nn.Module, adapter: Adapter | None, x: torch.Tensor, **kw):
         """One attention sub-block: attention → dropout → (+ adapter) → residual → LayerNorm."""
@@ -110,34 +107,11 @@ class BartMeftLayer(MeftLayer):
         z = z + self.ffn_adapter(h)
         return self.final_layer_norm(z + h)
 
-    def whole_layer(self, x: torch.Tensor, *context) -> torch.Tensor:
-        return self.feed_forward_block(self.attention_block(x, *context))
 
-
-class _MeftBartStack(nn.Module):
-    """What the encoder and decoder share: the HF embedding modules, the MEFT layers, and
-    the two-stream run (both streams from the embedding output, averaged at the end)."""
-
-    def __init__(self, hf_stack: nn.Module, layers: list[BartMeftLayer], num_rev_layers: int, inverse: str):
-        super().__init__()
-        self.config = hf_stack.config
-        self.dropout = hf_stack.dropout
-        self.embed_tokens = hf_stack.embed_tokens  # its weight is BartModel.shared's: ties kept
-        self.embed_positions = hf_stack.embed_positions
-        self.layernorm_embedding = hf_stack.layernorm_embedding
-        self.layers = nn.ModuleList(layers)
-        # public: tests and experiments may switch these (num_rev_layers=0: plain autograd, same maths)
-        self.num_rev_layers = num_rev_layers
-        self.inverse = inverse
-
-    recorded: list | None = None  # see engine.run_stack
-
-    def embed(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        h = self.layernorm_embedding(inputs_embeds + positions.to(inputs_embeds.device))
-        return F.dropout(h, p=self.dropout, training=self.training)
-
-    def run(self, h: torch.Tensor, context: tuple) -> torch.Tensor:
-        return run_stack(self, h, self.layers, context, self.label)
+def _embed(stack: nn.Module, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """What both stacks run on: token plus position embeddings, LayerNorm, dropout (as HF)."""
+    h = stack.layernorm_embedding(inputs_embeds + positions.to(inputs_embeds.device))
+    return F.dropout(h, p=stack.dropout, training=stack.training)
 
 
 def _check_ids(input_ids, inputs_embeds, what: str) -> None:
@@ -145,8 +119,8 @@ def _check_ids(input_ids, inputs_embeds, what: str) -> None:
         raise ValueError(f"You must specify exactly one of {what}input_ids or {what}inputs_embeds")
 
 
-class MeftBartEncoder(_MeftBartStack):
-    """Drop-in for ``BartEncoder`` (same call signature and output)."""
+class MeftBartEncoder(MeftStack, BartEncoder):
+    """``BartEncoder`` with its layers run as a MEFT stack (same call signature and output)."""
 
     label = "encoder"
 
@@ -154,16 +128,16 @@ class MeftBartEncoder(_MeftBartStack):
         _check_ids(input_ids, inputs_embeds, "")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        h = self.embed(inputs_embeds, self.embed_positions(inputs_embeds[:, :, -1]))  # shape only, as HF
+        h = _embed(self, inputs_embeds, self.embed_positions(inputs_embeds[:, :, -1]))  # shape only, as HF
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=inputs_embeds,
                                          attention_mask=attention_mask)
-        return BaseModelOutput(last_hidden_state=self.run(h, (mask,)))
+        return BaseModelOutput(last_hidden_state=self.run_layers(h, mask))
 
 
-class MeftBartDecoder(_MeftBartStack):
-    """Drop-in for ``BartDecoder`` (same call signature and output). HF's KV cache works
-    without gradients (``generate()``); with gradients on it raises (the reversible backward
-    runs each attention again)."""
+class MeftBartDecoder(MeftStack, BartDecoder):
+    """``BartDecoder`` with its layers run as a MEFT stack (same call signature and output).
+    HF's KV cache works without gradients (``generate()``); with gradients on it raises (the
+    reversible backward runs each attention again)."""
 
     label = "decoder"
 
@@ -195,45 +169,22 @@ class MeftBartDecoder(_MeftBartStack):
         cross_mask = create_bidirectional_mask(config=self.config, inputs_embeds=inputs_embeds,
                                                attention_mask=encoder_attention_mask,
                                                encoder_hidden_states=encoder_hidden_states)
-        h = self.embed(inputs_embeds, self.embed_positions(input_ids, past, position_ids=position_ids))
+        h = _embed(self, inputs_embeds, self.embed_positions(input_ids, past, position_ids=position_ids))
         # the encoder output is differentiable context: the reversible backward returns its gradient
-        h = self.run(h, (self_mask, encoder_hidden_states, cross_mask, cache))
+        h = self.run_layers(h, self_mask, encoder_hidden_states, cross_mask, cache)
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h, cache=cache)
 
 
-def install(model: nn.Module, variant: Variant, lam: float, beta: float, num_rev_layers: int | None,
-            bottleneck: int, activation: str, dropout: float | None, adapter_layernorm: bool,
-            inverse: str = "exact") -> nn.Module:
-    """Swap the encoder and decoder of a BART model for MEFT stacks; returns the ``BartModel``."""
+def _backbone(model: nn.Module, method: str) -> nn.Module:
     backbone = model if isinstance(model, BartModel) else getattr(model, "model", None)
     if not isinstance(backbone, BartModel):
-        raise ConfigError(f"method={variant.name}: {type(model).__name__} has no BART encoder-decoder "
+        raise ConfigError(f"method={method}: {type(model).__name__} has no BART encoder-decoder "
                           "(BartModel); MEFT supports BartModel, BartForSequenceClassification, "
                           "BartForConditionalGeneration and BartForQuestionAnswering")
-    if isinstance(backbone.encoder, MeftBartEncoder):
-        raise ConfigError(f"method={variant.name}: {type(model).__name__} already has MEFT applied; "
-                          "apply a method once, to a fresh pre-trained model")
-    config = model.config
-    enc_layers, dec_layers = list(backbone.encoder.layers), list(backbone.decoder.layers)
-    deepest = max(len(enc_layers), len(dec_layers))
-    if num_rev_layers is not None and num_rev_layers > deepest:
-        raise ConfigError(f"method.num_rev_layers={num_rev_layers}: {type(model).__name__} has "
-                          f"{len(enc_layers)} encoder and {len(dec_layers)} decoder layers (k applies to each "
-                          f"stack); choose 0..{deepest}, or null for all")
-
-    ref = enc_layers[0].fc1.weight  # new modules follow the model's dtype and device
-    kw = dict(dim=config.d_model, bottleneck=bottleneck, activation=activation,
-              dropout=config.dropout if dropout is None else dropout,
-              layernorm_eps=enc_layers[0].final_layer_norm.eps, dtype=ref.dtype, device=ref.device)
-
-    def convert(layers):
-        return [BartMeftLayer(layer, variant, lam, beta, make_adapter=lambda: Adapter(**kw),
-                              make_rev_adapter=lambda: Adapter(layernorm=adapter_layernorm, **kw))
-                for layer in layers]
-
-    def rev(n):  # the first k layers of each stack; a shallower stack: all of it
-        return n if num_rev_layers is None else min(num_rev_layers, n)
-
-    backbone.encoder = MeftBartEncoder(backbone.encoder, convert(enc_layers), rev(len(enc_layers)), inverse)
-    backbone.decoder = MeftBartDecoder(backbone.decoder, convert(dec_layers), rev(len(dec_layers)), inverse)
     return backbone
+
+
+SPECS = {"bart": Architecture(backbone=_backbone, stacks={"encoder": MeftBartEncoder, "decoder": MeftBartDecoder},
+                              layer=BartMeftLayer,
+                              layernorm_eps=lambda config: 1e-5,  # BART's LayerNorms: torch's default eps
+                              dropout=lambda config: config.dropout)}

@@ -3,9 +3,10 @@
 Each Hugging Face ``BertLayer``/``RobertaLayer`` is replaced by a ``BertMeftLayer``
 that takes over its sub-modules under the same names (``attention``, ``intermediate``,
 ``output``), so pre-trained state-dict keys are unchanged; the adapters are added beside
-them (``ffn_adapter``, ``attn_adapter``, ``rev_adapter``). The encoder is replaced by
-``MeftEncoder``, which keeps the HF encoder's call signature, so
-``model(input_ids=..., attention_mask=..., labels=...)`` works as before.
+them (``ffn_adapter``, ``attn_adapter``, ``rev_adapter``). The encoder becomes a
+``MeftBertEncoder``/``MeftRobertaEncoder`` in place (install.py), whose ``forward`` keeps the
+HF encoder's call signature, so ``model(input_ids=..., attention_mask=..., labels=...)``
+works as before.
 
 Not supported: decoders / cross-attention (``is_decoder``), KV caches. The HF
 ``output_hidden_states`` hook targets ``BertLayer`` modules, which no longer exist: it
@@ -14,15 +15,18 @@ except in training on CPU, where the layers run their own attention (``self_atte
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+from transformers.models.bert.modeling_bert import BertEncoder
+from transformers.models.roberta.modeling_roberta import RobertaEncoder
 
-from memtl.errors import ConfigError
 from memtl.methods.bert_family import encoder_layers
-from memtl.methods.meft.adapters import Adapter, MeftLayer, Variant
+from memtl.methods.meft.adapters import MeftLayer
 from memtl.methods.meft.dropout import dropout
-from memtl.methods.meft.engine import run_stack
+from memtl.methods.meft.install import Architecture, MeftStack
 
 
 def self_attention(sa: nn.Module, x: torch.Tensor, mask=None) -> torch.Tensor:
@@ -46,20 +50,10 @@ def self_attention(sa: nn.Module, x: torch.Tensor, mask=None) -> torch.Tensor:
 class BertMeftLayer(MeftLayer):
     """A BERT layer split into its attention and feed-forward blocks, with adapters."""
 
-    def __init__(self, hf_layer: nn.Module, variant: Variant, lam: float, beta: float,
-                 make_adapter, make_rev_adapter):
-        super().__init__()
-        self.variant, self.lam, self.beta, self.switch = variant, lam, beta, variant.switch
-        # take over the pre-trained sub-modules under their original names
+    def take_over(self, hf_layer: nn.Module) -> None:
         self.attention = hf_layer.attention
         self.intermediate = hf_layer.intermediate
         self.output = hf_layer.output
-        # parallel adapter on the feed-forward block (every variant)
-        self.ffn_adapter = make_adapter()
-        # MEFT3: adapter on the attention output projection
-        self.attn_adapter = make_adapter() if variant.attn_adapter else None
-        # MEFT1/2: the stand-alone adapter playing G (MEFT1) or F (MEFT2)
-        self.rev_adapter = make_rev_adapter() if variant.rev_adapter else None
 
     def attention_block(self, x: torch.Tensor, mask=None) -> torch.Tensor:
         """Self-attention + output projection (+ adapter) + residual + LayerNorm."""
@@ -77,54 +71,35 @@ class BertMeftLayer(MeftLayer):
         z = z + self.ffn_adapter(h)
         return out.LayerNorm(z + h)
 
-    def whole_layer(self, x: torch.Tensor, mask=None) -> torch.Tensor:
-        return self.feed_forward_block(self.attention_block(x, mask))
 
+class MeftEncoder(MeftStack):
+    """``BertEncoder``/``RobertaEncoder`` forward: two streams from the embedding output,
+    reversible stack, then the streams' average feeds the rest of the model (pooler, head)."""
 
-class MeftEncoder(nn.Module):
-    """Drop-in for ``BertEncoder``: two streams from the embedding output, reversible
-    stack, then the streams' average feeds the rest of the model (pooler, head)."""
-
-    def __init__(self, layers: list[BertMeftLayer], num_rev_layers: int, inverse: str = "exact"):
-        super().__init__()
-        self.layer = nn.ModuleList(layers)
-        # public: tests and experiments may switch these (num_rev_layers=0: plain autograd, same maths)
-        self.num_rev_layers = num_rev_layers
-        self.inverse = inverse
-
-    recorded: list | None = None  # see engine.run_stack
+    label = "encoder"
+    layers_attr = "layer"
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, past_key_values=None, use_cache=None, **kwargs):
         if encoder_hidden_states is not None:
             raise ValueError("MEFT encoder: cross-attention (encoder_hidden_states) is not supported")
-        h = run_stack(self, hidden_states, self.layer, (attention_mask,), "encoder")
+        h = self.run_layers(hidden_states, attention_mask)
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h)
 
 
-def install(model: nn.Module, variant: Variant, lam: float, beta: float, num_rev_layers: int | None,
-            bottleneck: int, activation: str, dropout: float | None, adapter_layernorm: bool,
-            inverse: str = "exact") -> nn.Module:
-    """Swap the encoder of a BERT-family model for a MEFT encoder; returns the backbone."""
-    config = model.config
-    backbone, layers = encoder_layers(model, variant.name, "MEFT", MeftEncoder)
-    n = len(layers)
-    k = n if num_rev_layers is None else num_rev_layers
-    if k > n:
-        raise ConfigError(f"method.num_rev_layers={num_rev_layers}: {type(model).__name__} has {n} layers; "
-                          f"choose 0..{n}, or null for all")
+class MeftBertEncoder(MeftEncoder, BertEncoder):
+    """``BertEncoder`` with its layers run as a MEFT stack."""
 
-    ref = layers[0].output.dense.weight  # new modules follow the model's dtype and device
-    kw = dict(dim=config.hidden_size, bottleneck=bottleneck, activation=activation,
-              dropout=config.hidden_dropout_prob if dropout is None else dropout,
-              layernorm_eps=config.layer_norm_eps, dtype=ref.dtype, device=ref.device)
-    new_layers = [
-        BertMeftLayer(
-            layer, variant, lam, beta,
-            make_adapter=lambda: Adapter(**kw),
-            make_rev_adapter=lambda: Adapter(layernorm=adapter_layernorm, **kw),
-        )
-        for layer in layers
-    ]
-    backbone.encoder = MeftEncoder(new_layers, num_rev_layers=k, inverse=inverse)
-    return backbone
+
+class MeftRobertaEncoder(MeftEncoder, RobertaEncoder):
+    """``RobertaEncoder`` with its layers run as a MEFT stack."""
+
+
+def _backbone(model: nn.Module, method: str) -> nn.Module:
+    return encoder_layers(model, method, "MEFT", MeftEncoder)[0]
+
+
+BERT = Architecture(backbone=_backbone, stacks={"encoder": MeftBertEncoder}, layer=BertMeftLayer,
+                    layernorm_eps=lambda config: config.layer_norm_eps,
+                    dropout=lambda config: config.hidden_dropout_prob)
+SPECS = {"bert": BERT, "roberta": dataclasses.replace(BERT, stacks={"encoder": MeftRobertaEncoder})}

@@ -19,7 +19,7 @@ runs in parallel to the FFN as in the BERT layer; MEFT3's attention adapter is s
 on the attention output projection (after its dropout): ``a + adapter(a)``, as in ``bert.py``.
 
 The module that owns the HF layer loop (``OPTDecoder``; ``LlamaModel``) is switched in place
-to a subclass (``MeftOPTDecoder``; ``MeftLlamaModel``) whose ``forward`` does what HF's does
+(install.py) to a subclass (``MeftOPTDecoder``; ``MeftLlamaModel``) whose ``forward`` does what HF's does
 (embeddings, OPT's ``project_in``/``project_out`` and learned positions or LLaMA's rotary
 embeddings, ``create_causal_mask``, final norm) but runs the layers as a reversible stack:
 both streams start from the embedding output and are averaged before the final norm
@@ -47,8 +47,8 @@ from transformers.models.llama.modeling_llama import LlamaModel
 from transformers.models.opt.modeling_opt import OPTDecoder
 
 from memtl.errors import ConfigError
-from memtl.methods.meft.adapters import Adapter, MeftLayer, Variant
-from memtl.methods.meft.engine import run_stack
+from memtl.methods.meft.adapters import MeftLayer
+from memtl.methods.meft.install import Architecture, MeftStack
 
 Tensor = torch.Tensor
 
@@ -65,32 +65,20 @@ class DecoderContext(NamedTuple):
 
 
 class _DecoderMeftLayer(MeftLayer):
-    """Adapters common to the decoder layers; subclasses take over the HF sub-modules."""
-
-    def _add_adapters(self, variant: Variant, lam: float, beta: float, make_adapter, make_rev_adapter):
-        self.variant, self.lam, self.beta, self.switch = variant, lam, beta, variant.switch
-        self.ffn_adapter = make_adapter()  # parallel to the FFN (every variant)
-        self.attn_adapter = make_adapter() if variant.attn_adapter else None  # MEFT3
-        self.rev_adapter = make_rev_adapter() if variant.rev_adapter else None  # MEFT1 G / MEFT2 F
+    """What the decoder layers share: MEFT3's adapter on the attention output."""
 
     def _adapted(self, a: Tensor) -> Tensor:
         return a + self.attn_adapter(a) if self.attn_adapter is not None else a
-
-    def whole_layer(self, x: Tensor, context: DecoderContext) -> Tensor:
-        return self.feed_forward_block(self.attention_block(x, context))
 
 
 class OPTMeftLayer(_DecoderMeftLayer):
     """An ``OPTDecoderLayer`` split into its blocks; pre-LN (125m, 1.3b) or post-LN (350m)."""
 
-    def __init__(self, hf_layer: nn.Module, variant: Variant, lam: float, beta: float,
-                 make_adapter, make_rev_adapter):
-        super().__init__()
+    def take_over(self, hf_layer: nn.Module) -> None:
         for name in ("self_attn", "self_attn_layer_norm", "fc1", "fc2", "final_layer_norm", "activation_fn"):
             setattr(self, name, getattr(hf_layer, name))
         self.do_layer_norm_before = hf_layer.do_layer_norm_before
         self.dropout = hf_layer.dropout
-        self._add_adapters(variant, lam, beta, make_adapter, make_rev_adapter)
 
     def attention_block(self, x: Tensor, context: DecoderContext) -> Tensor:
         pre = self.do_layer_norm_before
@@ -110,12 +98,9 @@ class OPTMeftLayer(_DecoderMeftLayer):
 class LlamaMeftLayer(_DecoderMeftLayer):
     """A ``LlamaDecoderLayer`` (pre-RMSNorm, rotary attention, gated MLP) split into its blocks."""
 
-    def __init__(self, hf_layer: nn.Module, variant: Variant, lam: float, beta: float,
-                 make_adapter, make_rev_adapter):
-        super().__init__()
+    def take_over(self, hf_layer: nn.Module) -> None:
         for name in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"):
             setattr(self, name, getattr(hf_layer, name))
-        self._add_adapters(variant, lam, beta, make_adapter, make_rev_adapter)
 
     def attention_block(self, x: Tensor, context: DecoderContext) -> Tensor:
         a, _ = self.self_attn(hidden_states=self.input_layernorm(x), attention_mask=context.mask,
@@ -130,18 +115,11 @@ class LlamaMeftLayer(_DecoderMeftLayer):
 # --- the module that owns the layer loop -------------------------------------------------
 
 
-class MeftDecoderStack:
+class MeftDecoderStack(MeftStack):
     """Mixin for the HF module that runs the layers (``OPTDecoder``, ``LlamaModel``): its
-    ``layers`` become a reversible stack on two streams. Knobs as ``MeftEncoder``'s."""
+    ``layers`` become a reversible stack on two streams (install.py)."""
 
-    layers: nn.ModuleList
-    num_rev_layers: int
-    inverse: str
-    recorded: list | None = None  # see engine.run_stack
-
-    def run_layers(self, h: Tensor, context: DecoderContext) -> Tensor:
-        """Both streams start from ``h``; their average comes back (before the final norm)."""
-        return run_stack(self, h, self.layers, (context,), "decoder")
+    label = "decoder"
 
 
 def _cache(module: nn.Module, use_cache, past_key_values, kwargs) -> Cache | None:
@@ -210,50 +188,22 @@ class MeftLlamaModel(MeftDecoderStack, LlamaModel):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(h), cache=cache)
 
 
-# --- install ---------------------------------------------------------------------------
-
-# model_type -> (the module owning the loop, given the HF base model; its MEFT class; the layer class;
-#                the adapter dropout when method.adapter_dropout is null)
-_ARCHS = {
-    "opt": (lambda base: base.decoder, MeftOPTDecoder, OPTMeftLayer, lambda config: config.dropout),
-    "llama": (lambda base: base, MeftLlamaModel, LlamaMeftLayer, lambda config: 0.0),  # no hidden dropout
-}
+# --- what install.py needs --------------------------------------------------------------
 
 
-def install(model: nn.Module, variant: Variant, lam: float, beta: float, num_rev_layers: int | None,
-            bottleneck: int, activation: str, dropout: float | None, adapter_layernorm: bool,
-            inverse: str = "exact") -> nn.Module:
-    """Make the decoder of an OPT/LLaMA model (bare, causal LM, sequence classification, QA) a
-    MEFT stack, in place; returns the HF base model (``OPTModel``/``LlamaModel``)."""
+def _backbone(model: nn.Module, method: str) -> nn.Module:
     config = model.config
-    owner_of, meft_cls, layer_cls, default_dropout = _ARCHS[config.model_type]
-    base = model.base_model
-    owner = owner_of(base)
-    if isinstance(owner, MeftDecoderStack):
-        raise ConfigError(f"method={variant.name}: {type(model).__name__} already has MEFT applied; "
-                          "apply a method once, to a fresh pre-trained model")
     if getattr(config, "layerdrop", 0.0) > 0:
-        raise ConfigError(f"method={variant.name}: the model's config.layerdrop={config.layerdrop} skips layers at "
+        raise ConfigError(f"method={method}: the model's config.layerdrop={config.layerdrop} skips layers at "
                           "random, MEFT needs a fixed reversible stack; set config.layerdrop=0")
-    layers = owner.layers
-    n = len(layers)
-    k = n if num_rev_layers is None else num_rev_layers
-    if k > n:
-        raise ConfigError(f"method.num_rev_layers={num_rev_layers}: {type(model).__name__} has {n} layers; "
-                          f"choose 0..{n}, or null for all")
+    return model.base_model  # OPTModel / LlamaModel
 
-    ref = next(layers[0].parameters())  # new modules follow the model's dtype and device
-    eps = getattr(config, "rms_norm_eps", 1e-5)  # adapter LayerNorm eps (OPT's LayerNorms use 1e-5)
-    kw = dict(dim=config.hidden_size, bottleneck=bottleneck, activation=activation,
-              dropout=default_dropout(config) if dropout is None else dropout,
-              layernorm_eps=eps, dtype=ref.dtype, device=ref.device)
-    owner.layers = nn.ModuleList([
-        layer_cls(layer, variant, lam, beta,
-                  make_adapter=lambda: Adapter(**kw),
-                  make_rev_adapter=lambda: Adapter(layernorm=adapter_layernorm, **kw))
-        for layer in layers
-    ])
-    # same object, same sub-modules and keys; only forward changes (see the module docstring)
-    owner.__class__ = meft_cls
-    owner.num_rev_layers, owner.inverse = k, inverse
-    return base
+
+SPECS = {
+    "opt": Architecture(backbone=_backbone, stacks={"decoder": MeftOPTDecoder}, layer=OPTMeftLayer,
+                        layernorm_eps=lambda config: 1e-5,  # as OPT's LayerNorms
+                        dropout=lambda config: config.dropout),
+    "llama": Architecture(backbone=_backbone, stacks={"": MeftLlamaModel}, layer=LlamaMeftLayer,
+                          layernorm_eps=lambda config: config.rms_norm_eps,
+                          dropout=lambda config: 0.0),  # LLaMA has no hidden dropout
+}

@@ -50,14 +50,6 @@ def _stacks(module: nn.Module) -> list[nn.Module]:
     return stacks
 
 
-def stack_label(stack: nn.Module) -> str:
-    """``encoder`` or ``decoder``: names a stack in reports of models with several."""
-    from memtl.methods.meft.bart import MeftBartDecoder
-    from memtl.methods.meft.decoder import MeftDecoderStack
-
-    return "decoder" if isinstance(stack, (MeftBartDecoder, MeftDecoderStack)) else "encoder"
-
-
 def _owner_model(module: nn.Module, stacks: list[nn.Module]) -> nn.Module:
     """The outermost model holding the MEFT stacks that training feeds the batch to (e.g. inside
     a LightningModule): memtl's multiple-choice scorer (QA) or a Hugging Face model."""
@@ -79,7 +71,7 @@ def stack_reconstruction(stack: nn.Module, hidden_states: torch.Tensor, context:
     forward hands to ``reversible_stack``)."""
     layers = list(stack_layers(stack))[: stack.num_rev_layers]
     a = stack_arithmetic(layers, stack.inverse, hidden_states.dtype)
-    check = (RangeCheck(layers, stack_label(stack), hidden_states.abs().amax().double(), a)
+    check = (RangeCheck(layers, stack.label, hidden_states.abs().amax().double(), a)
              if stack.inverse == "exact" and layers else None)
     x1 = x2 = a.encode(hidden_states)
     inputs, rngs = [], []
@@ -137,7 +129,7 @@ def reconstruction_report(model: nn.Module, batch: Mapping[str, Any]) -> list[di
                                        f"{type(hf_model).__name__}; reconstruction needs exactly one run per stack")
                 rows = stack_reconstruction(stack, *stack.recorded[0])
                 if len(stacks) > 1:
-                    rows = [{"stack": stack_label(stack), **r} for r in rows]
+                    rows = [{"stack": stack.label, **r} for r in rows]
                 report += rows
             return report
     finally:
@@ -232,7 +224,7 @@ def depth_table(variants, depths, precisions, batch_size=4, seq_len=128, seed=0,
                     with ctx:
                         report = reconstruction_report(model, batch)
                     for stack in stacks:
-                        label = stack_label(stack) if len(stacks) > 1 else None
+                        label = stack.label if len(stacks) > 1 else None
                         part = [r for r in report if r.get("stack") == label]
                         first = stack_layers(stack)[0]
                         row = {"variant": variant, "inverse": inverse, "geometry": geo,
