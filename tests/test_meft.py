@@ -24,8 +24,7 @@ from conftest import LogRecorder, max_rel_err, tiny_hf_model, trainable_grads
 from memtl.errors import ConfigError
 from memtl.methods import apply_method, available_methods, count_parameters
 from memtl.methods.meft.adapters import Adapter
-from memtl.methods.meft.bert import MeftEncoder, self_attention
-from memtl.methods.meft.dropout import dropout, drop_mask
+from memtl.methods.meft.bert import MeftEncoder
 from memtl.methods.meft.diagnostics import (
     ReconstructionErrorMonitor,
     reconstruction_errors,
@@ -97,53 +96,6 @@ def test_dropout_masks_replayed_in_recompute(arch, variant, inverse):
     # dropout really is active: another seed draws other masks and other grads
     torch.manual_seed(7)
     assert max_rel_err(trainable_grads(model, batch), ref_grads) > 1e-4
-
-
-def test_cpu_dropout_draw_keeps_one_minus_p_and_the_expectation():
-    torch.manual_seed(0)
-    shape = (1000, 999)  # odd count: the two 15-bit halves of each draw, then the trim
-    keep = ~drop_mask(shape, 0.1)
-    assert keep.shape == shape and keep.dtype == torch.bool
-    n = keep.numel()
-    p_keep = 1 - round(0.1 * 2**15) / 2**15
-    assert abs(keep.float().mean().item() - p_keep) < 5 * (p_keep * (1 - p_keep) / n) ** 0.5
-    # the two halves come from different bits of one draw: independent, not copies
-    half = (n + 1) // 2
-    flat = keep.flatten()
-    agree = (flat[:n - half] == flat[half:]).float().mean().item()
-    assert abs(agree - (p_keep**2 + (1 - p_keep) ** 2)) < 0.005
-    # dropout: zeros or x / keep probability, mean preserved, same draw from the same RNG state
-    x = torch.ones(shape, dtype=torch.float64)
-    torch.manual_seed(1)
-    y = dropout(x, 0.1, True)
-    assert y.unique().tolist() == [0.0, pytest.approx(1 / p_keep)]
-    assert abs(y.mean().item() - 1) < 5 * ((1 / p_keep - 1) / n) ** 0.5
-    torch.manual_seed(1)
-    assert torch.equal(dropout(x, 0.1, True), y)
-    assert dropout(x, 0.1, False) is x and torch.equal(dropout(x, 1.0, True), torch.zeros_like(x))
-    for bad in (-0.1, 1.5):
-        with pytest.raises(ValueError, match="between 0 and 1"):
-            dropout(x, bad, True)
-
-
-@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
-def test_cpu_attention_path_matches_the_hf_module(mask_kind):
-    """MEFT's own attention (taken when it trains on CPU with dropout) computes what the HF
-    module computes; a drop probability that rounds to 0 makes its dropout the identity."""
-    model = tiny_hf_model("bert", 1, HIDDEN, LABELS, 0.1, torch.float64, 0)
-    sa = model.bert.encoder.layer[0].attention.self
-    x = torch.randn(3, 7, HIDDEN, dtype=torch.float64)
-    attend = torch.ones(3, 1, 7, 7, dtype=torch.bool)
-    attend[1, ..., 5:] = attend[2, ..., 2:] = False  # padded keys
-    mask = {"none": None, "bool": attend,
-            "additive": torch.zeros(3, 1, 7, 7, dtype=torch.float64).masked_fill(~attend, torch.finfo(torch.float64).min)}[mask_kind]
-    sa.config._attn_implementation = "sdpa" if mask_kind == "bool" else "eager"
-    reference = sa.eval()(x, attention_mask=mask)[0]
-    sa.train().dropout.p = 1e-6  # < 2^-16: trains through MEFT's path, drops nothing
-    ours = self_attention(sa, x, mask)
-    assert (ours - reference).abs().max().item() < 1e-12
-    sa.dropout.p = 0.5  # and the path really draws
-    assert (self_attention(sa, x, mask) - reference).abs().max().item() > 1e-3
 
 
 def test_depth_independent_saved_memory():

@@ -344,13 +344,10 @@ def backward(mem: Mem, ops: list[Op], grads: dict, scope: tuple = ()) -> None:
 
 class Net:
     """Records ops. ``amp``: bf16 autocast; ``cuda``: CUDA kernels (fused attention,
-    one-byte dropout masks), else CPU's. ``meft``: a MEFT layer's blocks, which on CPU
-    run their own attention and draw their layers' dropout masks as one-byte masks
-    (``memtl.methods.meft.bert``, ``memtl.methods.meft.dropout``)."""
+    one-byte dropout masks), else CPU's."""
 
-    def __init__(self, amp: bool, cuda: bool, meft: bool = False):
+    def __init__(self, amp: bool, cuda: bool):
         self.amp, self.cuda = amp, cuda
-        self.meft_cpu = meft and not cuda
         self.ops: list[Op] = []
         self.seg: tuple = ()
 
@@ -384,18 +381,10 @@ class Net:
         return self._op([a, b], T(max(a.numel, b.numel), max(a.bpe, b.bpe), bool(rg)), grad_ins=rg,
                         passthrough=True)
 
-    def dropout(self, x: T, meft: bool = False) -> T:
-        # CPU: input * (bernoulli noise / (1-p)), the noise in the input's dtype; CUDA: fused, bool mask.
-        # MEFT's CPU draw (``meft``): a bool mask, made beside half as many int32 draws and one
-        # int32 temporary of the same size
-        if meft and self.meft_cpu:
-            mask = T(x.numel, 1)
-            half = (x.numel + 1) // 2
-            temps = [mask, T(half, 4), T(half, 4)]
-        else:
-            mask = T(x.numel, 1 if self.cuda else x.bpe)
-            temps = [mask]
-        return self._op([x], T(x.numel, x.bpe, x.rg), temps=temps, saves=[mask] if x.rg else [],
+    def dropout(self, x: T) -> T:
+        # CPU: input * (bernoulli noise / (1-p)), the noise in the input's dtype; CUDA: fused, bool mask
+        mask = T(x.numel, 1 if self.cuda else x.bpe)
+        return self._op([x], T(x.numel, x.bpe, x.rg), temps=[mask], saves=[mask] if x.rg else [],
                         grad_ins=[x] if x.rg else [])
 
     def act(self, x: T, keeps: str) -> T:
@@ -444,10 +433,6 @@ class Net:
             rg = [t for t in (q, k, v) if t.rg]
             return self._op([q, k, v], out, temps=[lse], saves=[q, k, v, out, lse] if rg else [], grad_ins=rg,
                             bwd_temp=q.numel * 4 + B * H * S * 4)
-        if self.meft_cpu:  # memtl's path: q @ kᵀ on contiguous copies, scaled, softmax, MEFT's dropout, @ v
-            q2, k2, v2 = self.copy(q), self.copy(k), self.copy(v)
-            p = self.act(self.scale(self.matmul(q2, k2, scores)), keeps="output")  # all in bf16 under CPU autocast
-            return self.matmul(self.dropout(p, meft=True), v2, q.numel)
         if self.amp:  # CPU autocast runs attention in fp32
             q, k, v = self.cast(q, 4), self.cast(k, 4), self.cast(v, 4)
         # math path: q, k each scaled by sqrt(scale) then made contiguous for bmm; v made contiguous
@@ -478,7 +463,7 @@ class Net:
         ctx = self.attention(q, k, v, B, H, S)
         self.keepalive(q, k, v)  # the attention module's locals hold them until it returns
         ctx = self.copy(ctx, grad_copies=True)  # (B,H,S,dh) -> (B,S,d)
-        h = self.dropout(self.linear(ctx, d, d, train), meft=True)
+        h = self.dropout(self.linear(ctx, d, d, train))
         if adapter_r:  # MEFT3: sequential adapter on the attention output projection
             h = self.add(h, self.adapter(h, d, adapter_r))
         out = self.layernorm(self.add(h, x), d, train)
@@ -490,7 +475,7 @@ class Net:
         until the block returns (memtl's MEFT block drops it after the output dense)."""
         d = g.hidden
         inter = self.act(self.linear(h, d, g.intermediate, train), "input")
-        z = self.dropout(self.linear(inter, g.intermediate, d, train), meft=True)
+        z = self.dropout(self.linear(inter, g.intermediate, d, train))
         if adapter_r:  # MEFT: parallel adapter on the feed-forward block
             z = self.add(z, self.adapter(h, d, adapter_r))
         out = self.layernorm(self.add(z, h), d, train)
@@ -595,7 +580,7 @@ def _simulate_meft(g: Geometry, m: Method, B: int, S: int, amp: bool, cuda: bool
     remainder_bytes = RemainderStack(radices).bytes_per_element * B * S * d
 
     def block(which: str, x: T) -> tuple[list[Op], T]:
-        net = Net(amp, cuda, meft=True)
+        net = Net(amp, cuda)
         if which == "layer":  # the whole pre-trained layer with its FFN adapter
             y = net.ffn_block(net.attention_block(x, g, B, S, train=False), g, train=False, adapter_r=r, hf=False)
         elif which == "adapter":

@@ -10,8 +10,8 @@ works as before.
 
 Not supported: decoders / cross-attention (``is_decoder``), KV caches. The HF
 ``output_hidden_states`` hook targets ``BertLayer`` modules, which no longer exist: it
-returns an empty tuple. ``output_attentions`` still works with ``attn_implementation="eager"``,
-except in training on CPU, where the layers run their own attention (``self_attention``).
+returns an empty tuple. The layers run the HF attention module as loaded (SDPA, eager or
+flash) and torch's dropout, as every other method does, on every device.
 """
 from __future__ import annotations
 
@@ -25,26 +25,7 @@ from transformers.models.roberta.modeling_roberta import RobertaEncoder
 
 from memtl.methods.bert_family import encoder_layers
 from memtl.methods.meft.adapters import MeftLayer
-from memtl.methods.meft.dropout import dropout
 from memtl.methods.meft.install import Architecture, MeftStack
-
-
-def self_attention(sa: nn.Module, x: torch.Tensor, mask=None) -> torch.Tensor:
-    """A ``BertSelfAttention``/``RobertaSelfAttention`` forward (context only), with MEFT's
-    dropout on the attention probabilities when it trains on CPU; otherwise the module's
-    own forward (SDPA, eager or flash, as the model was loaded). ``mask``: what the HF
-    model passes its layers: None, a bool mask (True = attend) or an additive float one."""
-    p = sa.dropout.p if sa.training else 0.0
-    if p == 0.0 or x.device.type != "cpu":
-        return sa(x, attention_mask=mask)[0]
-    shape = (*x.shape[:-1], -1, sa.attention_head_size)
-    q, k, v = (proj(x).view(shape).transpose(1, 2) for proj in (sa.query, sa.key, sa.value))
-    scores = q @ k.transpose(2, 3) * sa.scaling
-    if mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
-    probs = scores.softmax(-1)
-    del scores  # B·H·T² bytes this frame would otherwise hold through the rest
-    return (dropout(probs, p, True) @ v).transpose(1, 2).reshape(*x.shape[:-1], -1)
 
 
 class BertMeftLayer(MeftLayer):
@@ -57,9 +38,9 @@ class BertMeftLayer(MeftLayer):
 
     def attention_block(self, x: torch.Tensor, mask=None) -> torch.Tensor:
         """Self-attention + output projection (+ adapter) + residual + LayerNorm."""
-        context = self_attention(self.attention.self, x, mask)
+        context = self.attention.self(x, attention_mask=mask)[0]
         out = self.attention.output
-        h = dropout(out.dense(context), out.dropout.p, self.training)
+        h = out.dropout(out.dense(context))
         if self.attn_adapter is not None:
             h = h + self.attn_adapter(h)  # sequential on the projection, as the authors' code
         return out.LayerNorm(h + x)
@@ -67,7 +48,7 @@ class BertMeftLayer(MeftLayer):
     def feed_forward_block(self, h: torch.Tensor) -> torch.Tensor:
         """Intermediate + output dense, parallel adapter added before residual + LayerNorm."""
         out = self.output
-        z = dropout(out.dense(self.intermediate(h)), out.dropout.p, self.training)
+        z = out.dropout(out.dense(self.intermediate(h)))
         z = z + self.ffn_adapter(h)
         return out.LayerNorm(z + h)
 
