@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memtl.data import GLUE_TASKS, GlueDataModule, default_data_root, get_task, glue, read_glue_split, read_glue_tsv
+from memtl.data import GLUE_TASKS, GlueDataModule, default_data_root, get_task, glue, loading, read_glue_split, read_glue_tsv
 from memtl.errors import ConfigError
 
 # -----------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def real_root(monkeypatch):
     monkeypatch.delenv("MEMTL_DATA_ROOT", raising=False)
     root = default_data_root()
     assert root is not None, "../shared/data (beside the repo) is missing: the real-data tests need it"
-    assert root == (Path(glue.__file__).resolve().parents[3] / ".." / "shared" / "data").resolve()
+    assert root == (Path(loading.__file__).resolve().parents[3] / ".." / "shared" / "data").resolve()
     assert (root / "glue_data" / "RTE" / "train.tsv").is_file()
     return root
 
@@ -325,7 +325,7 @@ def test_offline_hub_fallback_split_missing(real_root, offline):
 
 
 def test_offline_hub_fallback_no_root(monkeypatch, offline, tokenizer):
-    monkeypatch.setattr(glue, "default_data_root", lambda: None)
+    monkeypatch.setattr(loading, "default_data_root", lambda: None)
     with pytest.raises(ConfigError) as e:
         GlueDataModule("rte", tokenizer).setup()
     msg = one_line_error(e)
@@ -434,7 +434,7 @@ def test_group_by_length(rte_dm):
 
 def test_group_by_length_partial_batch_and_megabatches():
     lengths = [int(x) for x in torch.randint(1, 100, (1003,), generator=torch.Generator().manual_seed(0))]
-    order = glue.length_grouped(torch.tensor(lengths), batch_size=4, generator=torch.Generator().manual_seed(0), mega=10)
+    order = loading.length_grouped(torch.tensor(lengths), batch_size=4, generator=torch.Generator().manual_seed(0), mega=10)
     assert sorted(order) == list(range(1003))
     # a partial batch (3 samples) stays last, so the DataLoader's cuts match the groups
     batches = [order[i:i + 4] for i in range(0, 1003, 4)]
@@ -594,13 +594,13 @@ def test_train_order_resumes_mid_epoch_and_shards_across_ranks(rte_dm):
         assert len(list(resumed)) == len(full)
 
         ds = dm.train_set
-        shards = [glue.TrainSampler(ds, 4, seed=3, lengths=ds.lengths if group else None, num_replicas=2, rank=r)
+        shards = [loading.TrainSampler(ds, 4, seed=3, lengths=ds.lengths if group else None, num_replicas=2, rank=r)
                   for r in (0, 1)]
         for s in shards:
             s.set_epoch(5)
         a, b = list(shards[0]), list(shards[1])
         assert len(a) == len(b) and sorted(a + b) == list(range(len(ds)))  # 32 rows: no padding
-        one = glue.TrainSampler(ds, 8, seed=3, lengths=ds.lengths if group else None)
+        one = loading.TrainSampler(ds, 8, seed=3, lengths=ds.lengths if group else None)
         one.set_epoch(5)
         # rank r's k-th batch of 4 + the other rank's = the single process's k-th batch of 8
         assert [sorted(a[i:i + 4] + b[i:i + 4]) for i in range(0, len(a), 4)] == \

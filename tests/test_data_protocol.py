@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from memtl.data import GlueDataModule, read_glue_split
-from memtl.data.glue import LST_HOLDOUT, LST_SMALL_TASKS, TokenizedSplit
+from memtl.data.glue import LST_HOLDOUT, LST_SMALL_TASKS
+from memtl.data.loading import TokenizedSplit
 from memtl.errors import ConfigError
 
 REAL_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -14,7 +14,8 @@ from test_train import SMOKE, read
 
 import memtl
 from memtl.backbones import load_tokenizer
-from memtl.data.glue import Collate, GlueDataModule, SiameseSplit, TokenizedSplit, read_glue_split
+from memtl.data.glue import GlueDataModule, read_glue_split
+from memtl.data.loading import Collate, SiameseSplit, TokenizedSplit
 from memtl.methods import apply_method
 from memtl.run import run
 from memtl.siamese import SiameseModel, mean_pool, siamese_head

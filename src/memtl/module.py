@@ -157,7 +157,8 @@ class FineTuneModule(L.LightningModule):
     def on_train_start(self) -> None:
         # Resuming: the data position. Lightning hands the train loader its saved state only
         # when it creates the loader, which configure_optimizers (estimated_stepping_batches)
-        # already did before the loop state was restored; no batch has been drawn yet.
+        # already did before the loop state was restored; no batch has been drawn yet. A private
+        # call, kept: without it the saved position never reaches the loader (tests/test_resume.py)
         self.trainer.fit_loop._load_combined_loader_states()
         # the RNG: here rather than on load, as nothing in between may draw from it
         rng, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None

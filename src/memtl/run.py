@@ -37,7 +37,8 @@ def validate(cfg: DictConfig) -> None:
     """Cheap checks of values a typo or a wrong sign would spoil; one line per problem.
     Also fills ``method.lr: null`` (every entry passes here before the lr is read)."""
     from memtl.data import get_task
-    from memtl.data.glue import check_data_options, check_pair_encoding
+    from memtl.data.glue import check_pair_encoding
+    from memtl.data.loading import check_data_options
     from memtl.methods import method_options
 
     fill_family_lr(cfg)

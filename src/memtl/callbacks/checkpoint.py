@@ -10,6 +10,15 @@ evaluation, so a resumed run never re-runs nor loses one; nor is a step in the m
 gradient accumulation (SIGTERM there stops without saving: the run resumes from the
 previous save). The file is written beside and then renamed, so a crash mid-write leaves
 the previous one intact.
+
+Why not Lightning's ``ModelCheckpoint(save_last=True, every_n_train_steps=N)`` (Lightning
+2.6): it saves only when ``global_step % N == 0`` at a batch end, not N steps after the
+previous save; with a step trigger it saves neither after an evaluation nor at an epoch
+end (both are skipped unless that step was just saved), so a resume re-runs the
+evaluations since; and it saves on SIGTERM only through ``save_on_exception``, which also
+saves on any crash, where the data position already counts the batch that was never
+trained. tests/test_resume.py fails with it (which steps resume, SIGTERM's step lost,
+and with ``save_on_exception`` a run resumed mid-accumulation ends a step short).
 """
 from __future__ import annotations
 

@@ -1,15 +1,10 @@
 """Data: GLUE (local glue_data TSVs or the hub) and multiple-choice QA (memtl.data.qa), as
-Lightning DataModules. ``get_task`` looks either kind of task up by name."""
+Lightning DataModules, on the shared loading parts (memtl.data.loading). ``get_task`` looks
+either kind of task up by name."""
 
-from memtl.data.glue import (
-    GLUE_TASKS,
-    GlueDataModule,
-    GlueTask,
-    default_data_root,
-    read_glue_split,
-    read_glue_tsv,
-)
+from memtl.data.glue import GLUE_TASKS, GlueDataModule, GlueTask, read_glue_split, read_glue_tsv
 from memtl.data.glue import get_task as get_glue_task
+from memtl.data.loading import default_data_root
 from memtl.data.qa import QA_TASKS, QADataModule, QATask, get_qa_task, is_qa_task, read_qa_split
 from memtl.errors import ConfigError
 

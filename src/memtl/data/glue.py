@@ -15,17 +15,25 @@ import csv
 import dataclasses
 import hashlib
 import io
-import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
 
+from memtl.data.loading import (
+    Collate,
+    SiameseSplit,
+    TokenCache,
+    TokenizedSplit,
+    check_data_options,
+    make_loader,
+    resolve_root,
+    train_loader,
+)
 from memtl.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -132,19 +140,6 @@ def get_task(name, main_metric: str | None = None) -> GlueTask:
 
 # -----------------------------------------------------------------------------
 # locating and reading the files
-
-
-def default_data_root() -> Path | None:
-    """$MEMTL_DATA_ROOT if set, else `../shared/data` beside the repo root, if it exists."""
-    env = os.environ.get("MEMTL_DATA_ROOT")
-    if env:
-        path = Path(env).expanduser().resolve()
-        if not path.is_dir():
-            raise ConfigError(f"MEMTL_DATA_ROOT={env} is not a directory; unset it or point it at a "
-                              "folder laid out like ../shared/data (with glue_data/ inside)")
-        return path
-    path = (Path(__file__).resolve().parents[3] / ".." / "shared" / "data").resolve()
-    return path if path.is_dir() else None
 
 
 def _glue_dir(root: Path) -> Path:
@@ -284,94 +279,18 @@ class _Source:
 def read_glue_split(task, split: str = "train", root=None) -> list[dict]:
     """The plain reader: rows {text_key: str, ..., "label": int | float} of one split, from
     `root` (None -> default_data_root()) in the glue_data layout, else from the hub."""
-    return _Source(get_task(task), split, _resolve_root(root)).rows()
-
-
-def _resolve_root(root) -> Path | None:
-    if root is None:
-        return default_data_root()
-    path = Path(root).expanduser().resolve()
-    if not path.is_dir():  # an explicit but wrong root must not silently go to the hub
-        raise ConfigError(f"data.root={root} ({path}) is not a directory; set data.root to a folder "
-                          "laid out like ../shared/data (with glue_data/ inside), or null for the default")
-    return path
+    return _Source(get_task(task), split, resolve_root(root)).rows()
 
 
 # -----------------------------------------------------------------------------
-# tokenized dataset, collation, length-grouped sampling
-
-
-class TokenizedSplit(Dataset):
-    """Variable-length features stored flat (one int tensor per feature + row offsets):
-    compact in memory, quick to torch.save/torch.load."""
-
-    def __init__(self, features: dict[str, torch.Tensor], offsets: torch.Tensor, labels: torch.Tensor):
-        self.features, self.offsets, self.labels = features, offsets, labels
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        a, b = self.offsets[i].item(), self.offsets[i + 1].item()
-        return {k: v[a:b].tolist() for k, v in self.features.items()} | {"labels": self.labels[i]}
-
-    @property
-    def lengths(self) -> list[int]:
-        return self.offsets.diff().tolist()
-
-    def state(self) -> dict:
-        return {"features": self.features, "offsets": self.offsets, "labels": self.labels}
-
-    def select(self, indices) -> "TokenizedSplit":
-        """The rows at `indices`, in that order (a copy)."""
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        starts, lengths = self.offsets[idx], self.offsets.diff()[idx]
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-        # flat position of every kept token: its row's old start + its place in the row
-        pos = torch.repeat_interleave(starts - offsets[:-1], lengths) + torch.arange(int(offsets[-1]))
-        return TokenizedSplit({k: v[pos] for k, v in self.features.items()}, offsets, self.labels[idx])
-
-
-class SiameseSplit(Dataset):
-    """A sentence-pair split encoded apart (``pair_encoding="siamese"``): the first
-    sentences and the second sentences as two ``TokenizedSplit``s of the same rows; an
-    item holds the first one's features under their names and the second one's with the
-    prefix ``b_``."""
-
-    def __init__(self, a: TokenizedSplit, b: TokenizedSplit):
-        self.a, self.b, self.labels = a, b, a.labels
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        b = self.b[i]
-        del b["labels"]
-        return self.a[i] | {f"b_{k}": v for k, v in b.items()}
-
-    @property
-    def lengths(self) -> list[int]:  # tokens encoded per row: what a batch costs
-        return [x + y for x, y in zip(self.a.lengths, self.b.lengths)]
-
-    def state(self) -> dict:
-        return {"a": self.a.state(), "b": self.b.state()}
-
-    def select(self, indices) -> "SiameseSplit":
-        return SiameseSplit(self.a.select(indices), self.b.select(indices))
-
-
-def split_from_state(state: dict):
-    """The split ``state()`` stored (a cache file)."""
-    if "a" in state:
-        return SiameseSplit(TokenizedSplit(**state["a"]), TokenizedSplit(**state["b"]))
-    return TokenizedSplit(**state)
+# tokenization
 
 
 PAIR_ENCODINGS = ("cross", "siamese")
 
 
 def tokenize_rows(rows, task: GlueTask, tokenizer, max_length: int, chunk: int = 8192,
-                  pair_encoding: str = "cross"):
+                  pair_encoding: str = "cross") -> TokenizedSplit | SiameseSplit:
     """``cross``: one sequence per row (a sentence pair joined by the tokenizer, BERT's GLUE
     recipe); ``siamese``: each sentence of a pair tokenized on its own (a ``SiameseSplit``)."""
     check_pair_encoding(pair_encoding, task)
@@ -393,139 +312,9 @@ def tokenize_rows(rows, task: GlueTask, tokenizer, max_length: int, chunk: int =
     return TokenizedSplit(features, offsets, labels)
 
 
-class Collate:
-    """Dynamic padding to the longest sequence in the batch (DataCollatorWithPadding);
-    labels are stacked separately so their dtype stays long (float for regression)."""
-
-    def __init__(self, tokenizer):
-        from transformers import DataCollatorWithPadding
-
-        self.pad = DataCollatorWithPadding(tokenizer, padding="longest", return_tensors="pt")
-
-    def __call__(self, items):
-        labels = torch.stack([it.pop("labels") for it in items])
-        if "b_input_ids" not in items[0]:
-            return dict(self.pad(items)) | {"labels": labels}
-        # siamese pairs: each side padded to its own longest sequence
-        a = [{k: v for k, v in it.items() if not k.startswith("b_")} for it in items]
-        b = [{k[2:]: v for k, v in it.items() if k.startswith("b_")} for it in items]
-        return dict(self.pad(a)) | {f"b_{k}": v for k, v in self.pad(b).items()} | {"labels": labels}
-
-
-def length_grouped(lengths: torch.Tensor, batch_size: int, generator: torch.Generator, mega: int = 50) -> list[int]:
-    """Like HF Trainer's group_by_length: shuffle, cut into mega-batches of 50 batches, sort
-    each by length (so a batch pads little), then shuffle the batch order; the longest batch
-    goes first so an out-of-memory shows up at step 1. Returns indices: a DataLoader with the
-    same batch_size cuts them back into exactly these batches (a partial batch stays last)."""
-    bs, g = batch_size, generator
-    perm = torch.randperm(len(lengths), generator=g)
-    # sort each mega-batch longest first, then cut it into batches
-    mega_batches = [mb[torch.argsort(lengths[mb], descending=True, stable=True)] for mb in perm.split(mega * bs)]
-    batches = list(torch.cat(mega_batches).split(bs))
-    tail = [batches.pop()] if len(batches[-1]) < bs else []  # must stay last to keep batch boundaries
-    batches = [batches[i] for i in torch.randperm(len(batches), generator=g)]
-    if batches:
-        longest = max(range(len(batches)), key=lambda i: lengths[batches[i]].max().item())
-        batches.insert(0, batches.pop(longest))
-    return torch.cat(batches + tail).tolist()
-
-
-class TrainSampler(DistributedSampler):
-    """The training order, a pure function of (seed, epoch): a seeded permutation (or the
-    length-grouped order) per epoch, so a run resumed mid-epoch replays the same order and
-    skips the batches it already trained on (``skip``, set by ``ResumableLoader``).
-
-    Under DDP every rank draws the same order and takes every W-th index (padded to equal
-    length like DistributedSampler); being a DistributedSampler, Lightning leaves it as is
-    and calls ``set_epoch``. With group_by_length the groups are W*batch_size long, so each
-    rank's batch comes from one group."""
-
-    def __init__(self, dataset, batch_size: int, seed: int, lengths: list[int] | None = None, mega: int = 50,
-                 num_replicas: int | None = None, rank: int | None = None):
-        dist = torch.distributed
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if rank is None:
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.batch_size, self.mega = batch_size, mega
-        self.lengths = None if lengths is None else torch.as_tensor(lengths)
-        self.skip: tuple[int, int] | None = None  # (epoch, batches already trained on in it)
-
-    def order(self, epoch: int) -> list[int]:
-        """All ranks' indices for one epoch, before sharding."""
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        if self.lengths is not None:
-            idx = length_grouped(self.lengths, self.batch_size * self.num_replicas, g, self.mega)
-        else:
-            idx = torch.randperm(len(self.dataset), generator=g).tolist()
-        while len(idx) < self.total_size:  # equal length on every rank (DistributedSampler's padding)
-            idx += idx[: self.total_size - len(idx)]
-        return idx
-
-    def __iter__(self):
-        mine = self.order(self.epoch)[self.rank: self.total_size: self.num_replicas]
-        skip, self.skip = self.skip, None
-        if skip is not None and skip[0] == self.epoch:
-            mine = mine[skip[1] * self.batch_size:]
-        return iter(mine)
-
-
-class ResumableLoader(DataLoader):
-    """A DataLoader Lightning checkpoints mid-epoch (it calls ``state_dict`` when saving and
-    ``load_state_dict`` on resume): the state is how many batches of which epoch were drawn,
-    and the sampler then skips those batches' indices (no data is loaded for them)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._drawn = 0
-
-    def __iter__(self):
-        skip = self.sampler.skip
-        self._drawn = skip[1] if skip is not None and skip[0] == self.sampler.epoch else 0
-        for batch in super().__iter__():
-            self._drawn += 1
-            yield batch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "batches": self._drawn}
-
-    def load_state_dict(self, state: dict) -> None:
-        # Lightning sets the sampler's epoch after this; the skip applies to that epoch only
-        # (a checkpoint taken after an epoch's last batch resumes with the next epoch)
-        if state["batches"] < len(self):
-            self.sampler.skip = (state["epoch"], state["batches"])
-
-
 # -----------------------------------------------------------------------------
-# tokenization cache
+# evaluation protocols (data.protocol; memtl.data.loading.PROTOCOLS lists them)
 
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of everything that changes token ids: class, vocabulary/normalizer/templates
-    (the fast tokenizer's full JSON, else the vocab), truncation side, model inputs."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        spec = json.loads(backend.to_str())
-        spec.pop("truncation", None), spec.pop("padding", None)  # runtime state left by the last call
-        body = json.dumps(spec, sort_keys=True)
-    else:
-        body = json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    extra = [type(tokenizer).__name__, tokenizer.truncation_side, list(tokenizer.model_input_names)]
-    return hashlib.sha256((json.dumps(extra) + body).encode()).hexdigest()
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MEMTL_CACHE") or "~/.cache/memtl/tokenized").expanduser()
-
-
-_CACHE_VERSION = 1  # bump when the stored format or the tokenization call changes
-
-
-# -----------------------------------------------------------------------------
-# evaluation protocols
-
-PROTOCOLS = ("dev", "lst")
 # Ladder Side-Tuning (Sung et al., 2022; also SHERL's GLUE protocol), from its
 # `seq2seq/data/tasks.py`: the tasks under 10k training examples split the official dev
 # set in half (validation / test); the others hold out 1k training examples as validation
@@ -546,21 +335,6 @@ def check_pair_encoding(pair_encoding: str, task: GlueTask) -> None:
     if pair_encoding == "siamese" and len(task.text_keys) != 2:
         raise ConfigError(f"data.pair_encoding=siamese needs a sentence-pair task; {task.name} has one sentence "
                           "per example: set data.pair_encoding=cross")
-
-
-def check_data_options(protocol: str = "dev", split_seed: int = 42, **sizes) -> None:
-    """The data options a typo spoils, checked before anything is read (``train.py``'s
-    preflight calls this too, so that bad values fail before a run folder exists)."""
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"data.protocol={protocol!r} is unknown; set data.protocol=dev (select and report "
-                          "on the official dev set) or lst (Ladder Side-Tuning splits)")
-    if not isinstance(split_seed, int) or isinstance(split_seed, bool):
-        raise ConfigError(f"data.split_seed={split_seed!r} is invalid; set it to an integer (LST: 42)")
-    low = {"num_workers": 0}
-    for key, value in sizes.items():
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low.get(key, 1)):
-            raise ConfigError(f"data.{key}={value!r} is invalid; set it to an integer >= {low.get(key, 1)}"
-                              + (" or null" if key.startswith("max_") or key == "eval_batch_size" else ""))
 
 
 class GlueDataModule(L.LightningDataModule):
@@ -604,20 +378,30 @@ class GlueDataModule(L.LightningDataModule):
                               "the training module expects one validation loader per dev set); set data.protocol=dev")
         self.protocol, self.split_seed = protocol, split_seed
         self.tokenizer, self.max_length = tokenizer, max_length
-        self.root = _resolve_root(root)
+        self.root = resolve_root(root)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
         self.group_by_length, self.num_workers, self.seed = group_by_length, num_workers, seed
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.cache = TokenCache(tokenizer, cache_dir)
         self.collate = Collate(tokenizer)
         self.train_set, self.eval_sets, self.test_sets = None, None, None
         self.lst_indices: dict[str, tuple[str, list[int]]] = {}
-        self.cache_hits = self.cache_misses = 0
-        self._tok_fp = None
 
     @property
     def task(self) -> GlueTask:
         return self._task
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.cache.dir
+
+    @property
+    def cache_hits(self) -> int:
+        return self.cache.hits
+
+    @property
+    def cache_misses(self) -> int:
+        return self.cache.misses
 
     @property
     def num_labels(self) -> int:
@@ -676,32 +460,17 @@ class GlueDataModule(L.LightningDataModule):
         """One source split, tokenized (cached); its first max_*_samples rows unless `whole`."""
         limit = None if whole else self.max_train_samples if split == "train" else self.max_eval_samples
         source = _Source(self._task, split, self.root)
-        if self._tok_fp is None:  # hashing the vocabulary costs ~0.2 s: once per data module
-            self._tok_fp = tokenizer_fingerprint(self.tokenizer)
-        import transformers
-
-        key = [_CACHE_VERSION, source.fingerprint, self._tok_fp, transformers.__version__,
-               self.max_length, self._task.name, split, limit]
-        key = json.dumps(key + ["siamese"] if self.pair_encoding == "siamese" else key)
-        path = self.cache_dir / f"{self._task.name}-{split}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
-        if path.is_file():
-            try:
-                ds = split_from_state(torch.load(path, weights_only=True))
-                self.cache_hits += 1
-                log.info("GLUE %s/%s: %d rows from cache %s", self._task.name, split, len(ds), path)
-                return ds
-            except Exception as e:  # a corrupt/old file: re-tokenize and overwrite it
-                log.warning("ignoring unreadable tokenization cache %s (%s)", path, e)
+        # these settings, in this order, are in the key existing cache files are named by: keep them so
+        siamese = ["siamese"] if self.pair_encoding == "siamese" else []
+        path = self.cache.path(self._task.name, split, source.fingerprint,
+                               self.max_length, self._task.name, split, limit, *siamese)
+        ds = self.cache.load(path)
+        if ds is not None:
+            log.info("GLUE %s/%s: %d rows from cache %s", self._task.name, split, len(ds), path)
+            return ds
         rows = source.rows()[:limit]
         ds = tokenize_rows(rows, self._task, self.tokenizer, self.max_length, pair_encoding=self.pair_encoding)
-        self.cache_misses += 1
-        try:  # atomic: a concurrent reader sees the old file or the whole new one, never half
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            torch.save(ds.state(), tmp)
-            os.replace(tmp, path)
-        except OSError as e:  # caching is an optimisation: a read-only disk must not stop a run
-            log.warning("could not write tokenization cache %s (%s)", path, e)
+        self.cache.store(path, ds)
         log.info("GLUE %s/%s: %d rows tokenized from %s", self._task.name, split, len(ds),
                  source.path or "the hub")
         return ds
@@ -715,18 +484,14 @@ class GlueDataModule(L.LightningDataModule):
             out.append((stem, indices, self._load(split, whole=True)))
         return out
 
-    def _loader(self, ds, batch_size, cls=DataLoader, **kw) -> DataLoader:
-        # an own generator: creating a loader's iterator draws a seed from it, and must not
-        # draw from the global RNG (dropout's), or evaluations would shift the dropout masks
-        return cls(ds, batch_size=batch_size, collate_fn=self.collate, num_workers=self.num_workers,
-                   persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed), **kw)
+    def _loader(self, ds, batch_size, **kw) -> DataLoader:
+        return make_loader(ds, batch_size, self.collate, self.num_workers, self.seed, **kw)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             self.setup("fit")
-        lengths = self.train_set.lengths if self.group_by_length else None
-        sampler = TrainSampler(self.train_set, self.batch_size, self.seed, lengths=lengths)
-        return self._loader(self.train_set, self.batch_size, sampler=sampler, cls=ResumableLoader)
+        return train_loader(self.train_set, self.batch_size, self.collate, self.num_workers, self.seed,
+                            self.group_by_length)
 
     def val_dataloader(self) -> list[DataLoader]:
         if self.eval_sets is None:

@@ -43,6 +43,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from memtl.data.loading import check_data_options, make_loader, resolve_root, train_loader
 from memtl.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -320,12 +321,10 @@ def _hub_rows(task: QATask, ds) -> list[dict]:
 def read_qa_split(task, split: str = "train", root=None) -> list[dict]:
     """Rows of one split: from the first local file the task lists under ``root``
     (None -> default_data_root()), else from the hub."""
-    from memtl.data.glue import _resolve_root
-
     task = get_qa_task(task)
     if split not in task.splits:
         raise ConfigError(f"{task.name} has no labeled {split} split; use one of {', '.join(task.splits)}")
-    root = _resolve_root(root)
+    root = resolve_root(root)
     looked = []
     if root is not None:
         for fmt, *rel in task.files[split]:
@@ -488,7 +487,7 @@ class QADataModule(L.LightningDataModule):
     labeled test split). max_train_samples / max_eval_samples keep the first N questions.
     No tokenization cache (unlike GLUE): the largest local split (OpenBookQA train, 4957
     questions x 4 choices) tokenizes in 1-3 s.
-    Training order: ``memtl.data.glue.TrainSampler`` in a ``ResumableLoader`` (seeded per epoch,
+    Training order: ``memtl.data.loading.TrainSampler`` in a ``ResumableLoader`` (seeded per epoch,
     resumable mid-epoch, DDP-sharded), as for GLUE."""
 
     def __init__(self, task, tokenizer, head: str, root=None, max_length: int = 128, batch_size: int = 16,
@@ -496,8 +495,6 @@ class QADataModule(L.LightningDataModule):
                  max_eval_samples: int | None = None, group_by_length: bool = False, num_workers: int = 0,
                  seed: int = 42, protocol: str = "dev"):
         super().__init__()
-        from memtl.data.glue import _resolve_root, check_data_options
-
         check_data_options(protocol=protocol, max_length=max_length, batch_size=batch_size,
                            eval_batch_size=eval_batch_size, num_workers=num_workers,
                            max_train_samples=max_train_samples, max_eval_samples=max_eval_samples)
@@ -505,7 +502,7 @@ class QADataModule(L.LightningDataModule):
             raise ConfigError(f"data.protocol={protocol} is a GLUE protocol; QA tasks train on train, select on "
                               "validation and report test: set data.protocol=dev")
         self.task, self.tokenizer, self.head = get_qa_task(task), tokenizer, head
-        self.root, self.max_length = _resolve_root(root), max_length
+        self.root, self.max_length = resolve_root(root), max_length
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
         self.group_by_length, self.num_workers, self.seed = group_by_length, num_workers, seed
@@ -540,17 +537,12 @@ class QADataModule(L.LightningDataModule):
     def train_size(self) -> int:
         return len(self._load("train"))
 
-    def _loader(self, ds, batch_size, cls=DataLoader, **kw) -> DataLoader:
-        return cls(ds, batch_size=batch_size, collate_fn=self.collate, num_workers=self.num_workers,
-                   persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed), **kw)
+    def _loader(self, ds, batch_size, **kw) -> DataLoader:
+        return make_loader(ds, batch_size, self.collate, self.num_workers, self.seed, **kw)
 
     def train_dataloader(self):
-        from memtl.data.glue import ResumableLoader, TrainSampler
-
-        ds = self._load("train")
-        lengths = ds.lengths if self.group_by_length else None
-        sampler = TrainSampler(ds, self.batch_size, self.seed, lengths=lengths)
-        return self._loader(ds, self.batch_size, sampler=sampler, cls=ResumableLoader)
+        return train_loader(self._load("train"), self.batch_size, self.collate, self.num_workers, self.seed,
+                            self.group_by_length)
 
     def val_dataloader(self):
         return [self._loader(self._load("validation"), self.eval_batch_size, shuffle=False)]
