@@ -44,7 +44,7 @@ def main(temperature: float, encoding: str, steps: int) -> None:
             break
         loss = model(**batch).loss
         loss.backward()
-        print(f"| {step} | {loss.item():.3f} | {side.gate.item():+.5f} | {side.diagnostics()["sherl_skip_gate"]:+.3f} | {side.gate.grad.item():+.3e} |",
+        print(f"| {step} | {loss.item():.3f} | {side.gate.item():+.5f} | {side.diagnostics()['sherl_skip_gate']:+.3f} | {side.gate.grad.item():+.3e} |",
               flush=True)
         opt.step()
         opt.zero_grad()
