@@ -60,6 +60,7 @@ from transformers.models.bart.modeling_bart import BartModel
 
 from memtl.errors import ConfigError
 from memtl.methods.meft.adapters import Adapter, MeftLayer, Variant
+from memtl.methods.meft.decoder import CACHE_ARG
 from memtl.methods.meft.engine import run_stack
 
 
@@ -98,10 +99,10 @@ class BartMeftLayer(MeftLayer):
     def attention_block(self, x: torch.Tensor, mask=None, encoder_hidden_states=None, encoder_mask=None,
                         cache=None):
         h = self._attend(self.self_attn, self.self_attn_layer_norm, self.attn_adapter, x, attention_mask=mask,
-                         cache=cache)
+                         **{CACHE_ARG: cache})
         if self.encoder_attn is not None:
             h = self._attend(self.encoder_attn, self.encoder_attn_layer_norm, self.cross_attn_adapter, h,
-                             key_value_states=encoder_hidden_states, attention_mask=encoder_mask, cache=cache)
+                             key_value_states=encoder_hidden_states, attention_mask=encoder_mask, **{CACHE_ARG: cache})
         return h
 
     def feed_forward_block(self, h: torch.Tensor) -> torch.Tensor:
@@ -198,7 +199,7 @@ class MeftBartDecoder(_MeftBartStack):
         h = self.embed(inputs_embeds, self.embed_positions(input_ids, past, position_ids=position_ids))
         # the encoder output is differentiable context: the reversible backward returns its gradient
         h = self.run(h, (self_mask, encoder_hidden_states, cross_mask, cache))
-        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h, cache=cache)
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h, **{CACHE_ARG: cache})
 
 
 def install(model: nn.Module, variant: Variant, lam: float, beta: float, num_rev_layers: int | None,
