@@ -64,9 +64,12 @@ def test_cpu_mode_runs_every_part_and_reports_every_figure(cpu_run, bundle):
     assert m["accelerator"] == "cpu" and m["device"] and m["versions"]["torch"] and m["versions"]["transformers"]
     assert report["bundle"]["path"] == str(bundle) and report["bundle"]["packages"]["hydra-core"]
     parts = report["parts"]
+    for p in parts.values():  # nothing the GPU machine lacks was imported; hydra only by the training part
+        assert p["data"]["imported_optional"] == [] and ("hydra" in p["data"]["loaded_from"]) == (p is parts["train"])
     assert len(parts["gradcheck"]["data"]["rows"]) == 18
     bench = parts["bench"]["data"]["rows"]
-    assert {r["method"] for r in bench} == {"full", "lora", "full+ckpt", "lora+ckpt", "meft1", "meft2", "meft3", "sherl"}
+    assert {r["method"] for r in bench} == {"full", "lora", "full+ckpt", "lora+ckpt", "meft1", "meft2", "meft3",
+                                            "sherl"}
     assert {r["seq_len"] for r in bench if r["label"] == "length sweep"} == {32, 64, 128}
     assert {r["geometry"] for r in bench} == {"tiny", "tiny-opt"}
     estimates = parts["estimate"]["data"]["rows"]
@@ -106,8 +109,9 @@ def test_each_judge_fails_on_bad_figures(cpu_run):
     meft2 = next(r for r in bench["rows"] if r["method"] == "meft2" and r["label"] == "tiny OPT")
     meft2["peak_step_mib"] = 1e9
     bench["rows"] = [r for r in bench["rows"] if not (r["method"] == "sherl" and r["label"] == "tiny BERT")]
-    assert _failed(judge_bench(bench, "cpu")) == ["bench: tiny BERT 8x64: every method measured",
-                                                  "bench: tiny OPT 8x64: MEFT and SHERL below full fine-tuning's memory"]
+    assert _failed(judge_bench(bench, "cpu")) == [
+        "bench: tiny BERT 8x64: every method measured",
+        "bench: tiny OPT 8x64: MEFT and SHERL below full fine-tuning's memory"]
     assert "bench: timed steps per method" in _failed(judge_bench(parts["bench"]["data"], "cuda"))  # GPU: >= 10
     est = copy.deepcopy(parts["estimate"]["data"])
     est["rows"][0]["error"] = 0.5

@@ -110,6 +110,7 @@ def make_bundle(bundle: Path, data_root: Path | None = None) -> dict:
     from memtl.backbones import package_model_folder
     from memtl.data.glue import default_data_root
     from memtl.errors import ConfigError
+    from memtl.results import _git
 
     root = data_root or default_data_root()
     rte = None if root is None else (root / "glue_data" / "RTE" if (root / "glue_data").is_dir() else root / "RTE")
@@ -147,11 +148,10 @@ def make_bundle(bundle: Path, data_root: Path | None = None) -> dict:
             shutil.copy2(tokenizer / f, tmp / "tokenizer" / f)
     files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
              for p in sorted(tmp.rglob("*")) if p.is_file()}
-    from memtl.results import _git
-
     manifest = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "git_commit": _git(REPO)["git_commit"], "packages": versions, "rte_from": str(rte), "tokenizer_from": str(tokenizer),
-                "total_bytes": sum(f["bytes"] for f in files.values()), "files": files}
+                "git_commit": _git(REPO)["git_commit"], "packages": versions, "rte_from": str(rte),
+                "tokenizer_from": str(tokenizer), "total_bytes": sum(f["bytes"] for f in files.values()),
+                "files": files}
     (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(bundle, ignore_errors=True)
     tmp.rename(bundle)
