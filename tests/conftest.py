@@ -15,6 +15,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the suite is the CPU's (bit-identical reruns, the profiler's memory figures): the trainer's
+# auto default and every subprocess see no GPU; the GPU has its own check (make gpu-check)
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 sys.path.insert(0, str(Path(__file__).parent))  # test-only helper modules (e.g. failing callbacks)
 
 

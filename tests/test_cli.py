@@ -8,7 +8,7 @@ def test_help_lists_groups_and_options():
     assert proc.returncode == 0
     for line in ("backbone: bart_base, bart_large, bert_base, minilm, opt_125m, opt_1_3b, opt_350m, roberta_base, "
                  "roberta_large, smollm2_135m, tiny_bart, tiny_bert, tiny_llama, tiny_opt, tiny_roberta",
-                 "method: full", "trainer: cpu, ddp, gpu", "logger: csv, none, wandb",
+                 "method: full", "trainer: auto, cpu, ddp, gpu", "logger: csv, none, wandb",
                  "task/glue: cola, mnli, mrpc, qnli, qqp, rte, sst2, stsb",
                  "task/qa: arc_challenge, arc_easy, openbookqa, piqa, sciq"):
         assert line in proc.stdout, line

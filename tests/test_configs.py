@@ -28,8 +28,19 @@ def test_the_groups_the_framework_promises_exist():
             "bart_large", "opt_125m", "opt_350m", "opt_1_3b", "smollm2_135m", "tiny_bart", "tiny_opt",
             "tiny_llama"} <= set(options("backbone"))
     assert {"full", "lora"} <= set(options("method"))
-    assert set(options("trainer")) == {"cpu", "gpu", "ddp"}
+    assert set(options("trainer")) == {"auto", "cpu", "gpu", "ddp"}
     assert set(options("logger")) == {"wandb", "csv", "none"}
+
+
+def test_the_trainer_default_uses_the_accelerator_that_exists(tmp_path):
+    """``python train.py`` trains on a GPU where there is one (Lightning's auto); cpu and gpu pin it
+    and keep every other setting of the default."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        default, cpu, gpu, ddp = (compose("train", overrides=[*o, f"paths.output_dir={tmp_path}"]).trainer
+                                  for o in ([], ["trainer=cpu"], ["trainer=gpu"], ["trainer=ddp"]))
+    assert (default.accelerator, cpu.accelerator, gpu.accelerator, ddp.accelerator) == ("auto", "cpu", "gpu", "auto")
+    rest = lambda t: {k: v for k, v in t.items() if k not in ("accelerator", "devices", "strategy")}  # noqa: E731
+    assert rest(default) == rest(cpu) == rest(gpu) == rest(ddp)
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])

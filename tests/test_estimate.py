@@ -102,6 +102,7 @@ BAD = [
     (["--backbone", "tiny", "--layers", "1", "--methods", "sherl"], "SHERL needs at least 2 layers"),
     (["--validate", "--geometries", "nope"], "--geometries: unknown nope"),
     (["--validate", "--shapes", "8by64"], "--shapes '8by64'"),
+    (["--validate", "--device", "cuda"], "--validate --device cuda: no CUDA device here"),
 ]
 
 
@@ -120,4 +121,5 @@ def test_validate_runs_the_benchmark(capsys):
     assert "max |error|" in out and "measured MiB" in out
     rows = json.loads(out[out.index("["):])
     assert [r["method"] for r in rows] == ["full", "meft3"]
+    assert {r["device"] for r in rows} == {"cpu"}  # no GPU here: --validate measures where it can
     assert all(abs(r["error"]) <= 0.15 for r in rows)

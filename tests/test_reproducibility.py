@@ -41,3 +41,4 @@ def test_results_record_versions_and_commit(glue_root, tmp_path):
     assert env["torch"] == torch.__version__ and env["torch_threads"] == torch.get_num_threads()
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert env["git_commit"] == head and isinstance(env["git_dirty"], bool)
+    assert env["accelerator"] == "cpu" and env["device"]  # the trainer's auto default, on this GPU-less machine

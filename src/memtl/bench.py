@@ -13,6 +13,7 @@ the ratios hold on a machine other jobs share. Writes bench.json, bench.csv and 
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import gc
 import json
@@ -53,6 +54,9 @@ DEFAULT_METHODS = PEERS
 GEOMETRIES = {
     "minilm-random": dict(hidden_size=384, num_attention_heads=12, intermediate_size=1536, num_hidden_layers=6),
     "bert-base": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, num_hidden_layers=12),
+    # BERT-base with 2048 learned positions: sequence-length sweeps past BERT's 512
+    "bert-base-2k": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, num_hidden_layers=12,
+                         max_position_embeddings=2048),
     "tiny": dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2),  # tests
 }
 # random-init geometries of the other architectures: (transformers config class, its kwargs).
@@ -127,7 +131,11 @@ class MethodUnderTest:
 
         name, options = METHOD_SPECS[spec]
         self.spec = spec
-        self.model = apply_method(build_model(geometry, layers, seed), name, **options).to(device)
+        # random weights are drawn on the device itself: on the CPU, initialising OPT-350m or
+        # BERT-base takes seconds per model, which a short GPU check cannot spend
+        with torch.device(device) if geometry != "minilm" else contextlib.nullcontext():
+            model = apply_method(build_model(geometry, layers, seed), name, **options)
+        self.model = model.to(device)
         self.model.train()
         self.device = device
         cfg = self.model.config

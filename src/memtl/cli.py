@@ -6,6 +6,7 @@
     memtl estimate [--backbone ...]  predicted peak memory per method, and whether it fits a budget
     memtl report <runs folder>       paper-style table, memory table and Pareto plot of a sweep
     memtl options [method ...]       each method option: default, what it is, the values it allows
+    memtl gpu-check [--device cpu]   the prepared GPU check: gradients, bench, estimator, training (make gpu-check)
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import sys
 
 COMMANDS = {"bench": "memtl.bench", "recon": "memtl.methods.meft.diagnostics",
             "gradcheck": "memtl.methods.meft.gradcheck", "estimate": "memtl.estimate",
-            "report": "memtl.report", "options": "memtl.methods.options"}
+            "report": "memtl.report", "options": "memtl.methods.options",
+            "gpu-check": "memtl.gpu_check"}
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -33,7 +33,8 @@ tensors, three kept) with a float dropout noise, while CUDA uses a fused
 (flash / memory-efficient) kernel that keeps only q, k, v, the output and the
 log-sum-exp, and a one-byte dropout mask. MEFT's layers on CPU run memtl's own attention
 (the same tensors, with a one-byte dropout mask) and draw their other dropout masks as
-one-byte masks too. ``--device`` picks the rules; only CPU is validated on this machine.
+one-byte masks too. ``--device`` picks the rules; ``--validate --device cuda`` (and ``memtl
+gpu-check``) measures the CUDA ones against the allocator.
 """
 from __future__ import annotations
 
@@ -759,23 +760,42 @@ VALIDATE_GEOMETRIES = ["tiny", "minilm-random"]
 VALIDATE_SHAPES = ["8x64", "16x128"]
 
 
-def validate(geometries: list[str], shapes: list[tuple[int, int]], methods: list[str], precision: str) -> list[dict]:
-    """Run ``memtl bench`` (CPU) on each configuration and put the prediction beside it."""
+def validate(geometries: list[str], shapes: list[tuple[int, int]], methods: list[str], precision: str,
+             device: str = "cpu") -> list[dict]:
+    """Run ``memtl bench`` on ``device`` for each configuration and put the prediction beside it."""
     import torch
 
     from memtl.bench import measure_peak_mib
 
-    rows = []
+    measured = []
     for geo in geometries:
-        g = load_geometry(geo)
         for B, S in shapes:
             for method in methods:
-                print(f"[validate] {method} {geo} {B}x{S} {precision} ...", file=sys.stderr, flush=True)
-                measured = measure_peak_mib(method, geo, None, B, S, torch.device("cpu"), precision)
-                predicted = simulate(g, METHODS[method], B, S, amp=precision == "bf16-mixed", cuda=False) / MIB
-                rows.append({"geometry": geo, "batch_size": B, "seq_len": S, "precision": precision,
-                             "method": method, "measured_mib": measured, "predicted_mib": predicted,
-                             "error": predicted / measured - 1})
+                print(f"[validate] {method} {geo} {B}x{S} {precision} {device} ...", file=sys.stderr, flush=True)
+                measured.append({"geometry": geo, "batch_size": B, "seq_len": S, "precision": precision,
+                                 "method": method, "device": device,
+                                 "peak_step_mib": measure_peak_mib(method, geo, None, B, S, torch.device(device),
+                                                                   precision)})
+    return compare(measured)
+
+
+def compare(bench_rows: list[dict]) -> list[dict]:
+    """Predicted against measured for rows shaped like ``memtl bench``'s (geometry, method,
+    batch_size, seq_len, precision, device, peak_step_mib), each with its device's kernels.
+    Rows the estimator cannot model (other architectures, method specs it lacks) are left out."""
+    from memtl.bench import GEOMETRIES
+
+    rows = []
+    for r in bench_rows:
+        if r["geometry"] not in GEOMETRIES or r["method"] not in METHODS or not r.get("peak_step_mib"):
+            continue
+        device = str(r.get("device", "cpu")).split(":")[0]
+        predicted = simulate(load_geometry(r["geometry"]), METHODS[r["method"]], r["batch_size"], r["seq_len"],
+                             amp=r["precision"] == "bf16-mixed", cuda=device == "cuda") / MIB
+        rows.append({"geometry": r["geometry"], "batch_size": r["batch_size"], "seq_len": r["seq_len"],
+                     "precision": r["precision"], "device": device, "method": r["method"],
+                     "measured_mib": r["peak_step_mib"], "predicted_mib": predicted,
+                     "error": predicted / r["peak_step_mib"] - 1})
     return rows
 
 
@@ -800,12 +820,13 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--precision", default="32", choices=["32", "bf16-mixed"])
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                   help="whose kernels to model (cuda: fused attention, 1-byte dropout masks); default cuda")
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"],
+                   help="whose kernels to model (cuda: fused attention, 1-byte dropout masks); default cuda. "
+                        "--validate: where to measure (default: cuda when there is one, else cpu)")
     p.add_argument("--budget", default=None, help="memory to fit in, e.g. 24GB, 80GiB")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
     p.add_argument("--validate", action="store_true",
-                   help="run memtl bench (CPU) on small configurations and compare with the predictions")
+                   help="run memtl bench (on --device) on small configurations and compare with the predictions")
     p.add_argument("--geometries", default=",".join(VALIDATE_GEOMETRIES), help="--validate: bench geometries")
     p.add_argument("--shapes", default=",".join(VALIDATE_SHAPES), help="--validate: BxT list, e.g. 8x64,16x128")
     p.add_argument("--tolerance", type=float, default=0.15, help="--validate: exit 1 if any |error| is above")
@@ -845,7 +866,14 @@ def main(argv=None) -> int:
             if bad or not geos:
                 raise ConfigError(f"--geometries: unknown {', '.join(bad) or '(none)'}; "
                                   f"choose from {', '.join(GEOMETRIES)}")
+            import torch
+
+            if args.device is None:
+                args.device = "cuda" if torch.cuda.is_available() else "cpu"
+            if args.device == "cuda" and not torch.cuda.is_available():
+                raise ConfigError("--validate --device cuda: no CUDA device here; use --device cpu")
             return _main_validate(geos, shapes, methods, args)
+        args.device = args.device or "cuda"
         g = load_geometry(args.backbone, args.layers)
         budget = parse_size(args.budget) if args.budget is not None else None
         positions = g.max_positions - (2 if g.model_type == "roberta" else 0)
@@ -877,10 +905,11 @@ def main(argv=None) -> int:
 
 
 def _main_validate(geos, shapes, methods, args) -> int:
-    rows = validate(geos, shapes, methods, args.precision)
-    body = [[r["geometry"], f"{r['batch_size']}x{r['seq_len']}", r["precision"], r["method"],
+    rows = validate(geos, shapes, methods, args.precision, args.device)
+    body = [[r["geometry"], f"{r['batch_size']}x{r['seq_len']}", r["precision"], r["device"], r["method"],
              f"{r['measured_mib']:.2f}", f"{r['predicted_mib']:.2f}", f"{100 * r['error']:+.1f}%"] for r in rows]
-    print(format_table(["geometry", "BxT", "precision", "method", "measured MiB", "predicted MiB", "error"], body))
+    header = ["geometry", "BxT", "precision", "device", "method", "measured MiB", "predicted MiB", "error"]
+    print(format_table(header, body))
     worst = max(abs(r["error"]) for r in rows)
     print(f"max |error| {100 * worst:.1f}% over {len(rows)} configurations (tolerance {100 * args.tolerance:g}%)")
     if args.json:

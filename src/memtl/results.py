@@ -34,8 +34,9 @@ LIBRARIES = ("torch", "transformers", "lightning", "peft", "torchmetrics", "toke
              "numpy", "scipy", "hydra-core", "omegaconf", "safetensors")
 
 
-def environment() -> dict[str, Any]:
-    """Versions, git commit and the knobs that change CPU float results (thread count)."""
+def environment(device=None) -> dict[str, Any]:
+    """Versions, git commit and the knobs that change CPU float results (thread count).
+    ``device``: the torch device that runs (None: not known yet, see ``device_info``)."""
     from importlib.metadata import PackageNotFoundError, version
 
     import torch
@@ -47,11 +48,26 @@ def environment() -> dict[str, Any]:
         except PackageNotFoundError:
             env[name] = None
     env["torch"] = torch.__version__  # the build actually imported (+cpu / +cu...)
-    env["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    env.update(device_info(device))
     env["torch_threads"] = torch.get_num_threads()  # float summation order on CPU depends on it
     env["cuda"] = torch.version.cuda
     env.update(_git(Path(__file__).resolve().parents[2]))
     return env
+
+
+def device_info(device=None) -> dict[str, Any]:
+    """``accelerator`` (cpu, cuda, mps: the device type that ran) and ``device`` (the card's
+    name, or the CPU's). ``device=None``: both null, filled in once the trainer has chosen."""
+    import torch
+
+    if device is None:
+        return {"accelerator": None, "device": None}
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine() or device.type
+    return {"accelerator": device.type, "device": name}
 
 
 def _git(repo: Path) -> dict[str, Any]:

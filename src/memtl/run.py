@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from memtl.errors import ConfigError, RunError, RunInterrupted
 from memtl.methods.options import is_int, is_number
-from memtl.results import RESULTS_FILE, environment, write_results
+from memtl.results import RESULTS_FILE, device_info, environment, write_results
 
 log = logging.getLogger("memtl")
 
@@ -149,6 +149,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer = module = monitor = None
     try:
         trainer, module, datamodule, monitor, params = build(cfg, resuming=resume is not None)
+        results["environment"].update(device_info(trainer.strategy.root_device))  # what accelerator=auto chose
         results["params"] = params
         from memtl.pretrained import unwrap
 

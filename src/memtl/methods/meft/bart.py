@@ -62,6 +62,7 @@ from transformers.models.bart.modeling_bart import BartDecoder, BartEncoder, Bar
 
 from memtl.errors import ConfigError
 from memtl.methods.meft.adapters import Adapter, MeftLayer, Variant
+from memtl.methods.meft.decoder import CACHE_ARG
 from memtl.methods.meft.install import Architecture, MeftStack
 
 
@@ -95,10 +96,10 @@ class BartMeftLayer(MeftLayer):
     def attention_block(self, x: torch.Tensor, mask=None, encoder_hidden_states=None, encoder_mask=None,
                         cache=None):
         h = self._attend(self.self_attn, self.self_attn_layer_norm, self.attn_adapter, x, attention_mask=mask,
-                         cache=cache)
+                         **{CACHE_ARG: cache})
         if self.encoder_attn is not None:
             h = self._attend(self.encoder_attn, self.encoder_attn_layer_norm, self.cross_attn_adapter, h,
-                             key_value_states=encoder_hidden_states, attention_mask=encoder_mask, cache=cache)
+                             key_value_states=encoder_hidden_states, attention_mask=encoder_mask, **{CACHE_ARG: cache})
         return h
 
     def feed_forward_block(self, h: torch.Tensor) -> torch.Tensor:
@@ -172,7 +173,7 @@ class MeftBartDecoder(MeftStack, BartDecoder):
         h = _embed(self, inputs_embeds, self.embed_positions(input_ids, past, position_ids=position_ids))
         # the encoder output is differentiable context: the reversible backward returns its gradient
         h = self.run_layers(h, self_mask, encoder_hidden_states, cross_mask, cache)
-        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h, cache=cache)
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h, **{CACHE_ARG: cache})
 
 
 def _backbone(model: nn.Module, method: str) -> nn.Module:

@@ -50,6 +50,10 @@ from memtl.errors import ConfigError
 from memtl.methods.meft.adapters import MeftLayer
 from memtl.methods.meft.install import Architecture, MeftStack
 
+# transformers 5.24 renamed the KV-cache argument and output field past_key_values -> cache;
+# the GPU machines run older releases (5.17), so calls name it by what this install expects
+CACHE_ARG = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 Tensor = torch.Tensor
 
 
@@ -83,7 +87,7 @@ class OPTMeftLayer(_DecoderMeftLayer):
     def attention_block(self, x: Tensor, context: DecoderContext) -> Tensor:
         pre = self.do_layer_norm_before
         a, _ = self.self_attn(hidden_states=self.self_attn_layer_norm(x) if pre else x, attention_mask=context.mask,
-                              cache=context.cache)
+                              **{CACHE_ARG: context.cache})
         h = x + self._adapted(F.dropout(a, self.dropout, self.training))
         return h if pre else self.self_attn_layer_norm(h)
 
@@ -104,7 +108,7 @@ class LlamaMeftLayer(_DecoderMeftLayer):
 
     def attention_block(self, x: Tensor, context: DecoderContext) -> Tensor:
         a, _ = self.self_attn(hidden_states=self.input_layernorm(x), attention_mask=context.mask,
-                              position_embeddings=context.position_embeddings, cache=context.cache)
+                              position_embeddings=context.position_embeddings, **{CACHE_ARG: context.cache})
         return x + self._adapted(a)
 
     def feed_forward_block(self, h: Tensor) -> Tensor:
@@ -169,7 +173,7 @@ class MeftOPTDecoder(MeftDecoderStack, OPTDecoder):
             h = self.final_layer_norm(h)
         if self.project_out is not None:
             h = self.project_out(h)
-        return BaseModelOutputWithPast(last_hidden_state=h, cache=cache)
+        return BaseModelOutputWithPast(last_hidden_state=h, **{CACHE_ARG: cache})
 
 
 class MeftLlamaModel(MeftDecoderStack, LlamaModel):
@@ -185,7 +189,7 @@ class MeftLlamaModel(MeftDecoderStack, LlamaModel):
         mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
         rotary = self.rotary_emb(inputs_embeds, position_ids=position_ids)  # (cos, sin), no grad
         h = self.run_layers(inputs_embeds, DecoderContext(mask, rotary, cache))
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), cache=cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), **{CACHE_ARG: cache})
 
 
 # --- what install.py needs --------------------------------------------------------------

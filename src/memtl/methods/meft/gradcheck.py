@@ -33,6 +33,8 @@ from memtl.methods import apply_method
 from memtl.methods.meft import meft_stacks, stack_layers
 
 VARIANTS = ("meft1", "meft2", "meft3")
+INVERSES = ("exact", "float")
+DEPTH = 24
 
 
 ARCHS = ("bert", "roberta", "bart", "opt", "opt-350m", "llama")
@@ -45,10 +47,13 @@ def _set(model, **attrs):
     return model
 
 
-def _grads(model, batch, seed=0):
+def _grads(model, batch, seed=0, autocast: torch.dtype | None = None):
     model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    model(**batch).loss.backward()
+    torch.manual_seed(seed)  # seeds the CUDA generators too: both runs draw the same dropout masks
+    device = next(model.parameters()).device.type
+    with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        loss = model(**batch).loss
+    loss.backward()
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -121,12 +126,64 @@ def rev_vs_plain(model, batch, num_rev: int | None, seed: int = 0) -> float:
     return max_rel_err(_grads(model, batch, seed), _grads(plain, batch, seed))
 
 
+def on_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# what the oracles hold each comparison to (``oracle_rows``): float64 is exact up to
+# rounding; float32 at depth sits near 1e-6 on CPU; under bf16 autocast the reversible
+# gradients must be no further from float32 plain autograd than plain autograd under bf16 is
+TOL_FLOAT64 = 1e-10
+TOL_FLOAT32_DEEP = 1e-4
+TOL_BF16_RATIO = 1.5
+
+
+def oracle_rows(device, depth: int = DEPTH, hidden: int = 64, archs=ARCHS, variants=VARIANTS,
+                progress=None) -> list[dict]:
+    """The reversible backward against plain autograd on ``device``, one row per
+    architecture x variant: float64 with dropout 0.1 (masks replayed from the device's RNG)
+    for both inverses, then the exact inverse at ``depth`` layers in float32 and under bf16
+    autocast. ``pass`` covers the exact inverse; the float inverse's float64 error is
+    reported only (MEFT3 on pre-norm decoders divides by 10^6 per layer)."""
+    device = torch.device(device)
+    rows = []
+    for arch in archs:
+        batch = on_device(padded_batch(120, PAD[arch], eos=EOS if arch == "bart" else None), device)
+        for variant in variants:
+            row = {"variant": variant, "arch": arch, "device": str(device)}
+            try:
+                _oracles(row, arch, variant, batch, device, depth, hidden)
+                ok = row["exact float64 dropout"] <= TOL_FLOAT64
+                if "exact float32 deep" in row:
+                    ok = ok and row["exact float32 deep"] <= TOL_FLOAT32_DEEP
+                    ok = ok and row["exact bf16 deep"] <= TOL_BF16_RATIO * row["plain bf16 deep"]
+                row["pass"] = bool(ok)  # a NaN fails every comparison above
+            except Exception as e:  # one architecture's error must not hide the others' figures
+                row.update({"pass": False, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            rows.append(row)
+            if progress is not None:
+                progress(row)
+    return rows
+
+
 def _half(model) -> int:
     return max(len(stack_layers(s)) for s in meft_stacks(model)) // 2 or 1
 
 
-INVERSES = ("exact", "float")
-DEPTH = 24
+def _oracles(row: dict, arch: str, variant: str, batch: dict, device, depth: int, hidden: int) -> None:
+    for inv in INVERSES:
+        model = tiny_model(arch, variant, 0.1, adapter_dropout=0.1, inverse=inv).to(device)
+        row[f"{inv} float64 dropout"] = rev_vs_plain(model, batch, None)
+    if arch == "roberta":  # same stack as BERT's
+        return
+    model = tiny_model(arch, variant, 0.1, layers=depth, hidden=hidden, dtype=torch.float32,
+                       adapter_dropout=0.1).to(device)
+    plain = _set(copy.deepcopy(model), num_rev_layers=0)
+    _set(model, num_rev_layers=depth)
+    ref = _grads(plain, batch)
+    row["exact float32 deep"] = max_rel_err(_grads(model, batch), ref)
+    row["plain bf16 deep"] = max_rel_err(_grads(plain, batch, autocast=torch.bfloat16), ref)
+    row["exact bf16 deep"] = max_rel_err(_grads(model, batch, autocast=torch.bfloat16), ref)
 
 
 def table(include_minilm: bool = True, include_smollm2: bool = False, depth: int = DEPTH) -> list[dict]:
