@@ -108,7 +108,7 @@ def make_bundle(bundle: Path, data_root: Path | None = None) -> dict:
     from importlib.metadata import PackageNotFoundError, distribution
 
     from memtl.backbones import package_model_folder
-    from memtl.data.glue import default_data_root
+    from memtl.data.loading import default_data_root
     from memtl.errors import ConfigError
     from memtl.results import _git
 
