@@ -78,13 +78,13 @@ def main(argv=None) -> int:
     print(f"--- prompt ({name} {args.split} #{args.question}; gold: {row['choices'][row['label']]!r})\n{text}")
     cached = greedy(model, tok, text, args.tokens, use_cache=True)
     uncached = greedy(model, tok, text, args.tokens, use_cache=False)
-    print(f"--- {manifest['method']} answers (greedy, KV cache):\n{tok.decode(cached, skip_special_tokens=True)}")
+    print(f"--- {manifest['method']} answers (greedy, KV cache):\n{tok.decode(cached)!r}")
     print(f"--- same tokens without the cache: {torch.equal(cached, uncached)}")
     if args.compare_base:
         entry = manifest["backbone"]
         base = load_model(entry, 2, load_tokenizer(entry), head="causal_lm").eval()
         answer = greedy(base, tok, text, args.tokens, use_cache=True)
-        print(f"--- the pre-trained {entry['name']} answers:\n{tok.decode(answer, skip_special_tokens=True)}")
+        print(f"--- the pre-trained {entry['name']} answers:\n{tok.decode(answer)!r}")
     return 0 if torch.equal(cached, uncached) else 1
 
 
