@@ -31,12 +31,12 @@ train: setup
 	$(BIN)/python train.py method=full task=glue/rte $(ARGS)
 
 bench: setup
-	$(BIN)/python -m memtl.bench $(ARGS)
+	$(BIN)/python -m memtl.tools.bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun wandb lightning_logs .pytest_cache
 
-# --- the GPU check (src/memtl/gpu_check.py) ------------------------------------------------
+# --- the GPU check (src/memtl/tools/gpu_check.py) ------------------------------------------------
 # The GPU machine has torch, transformers, lightning, peft and torchmetrics but no hydra-core,
 # omegaconf, datasets or network; only the repository and a few git-ignored folders travel.
 # `make gpu-bundle` (here) fills GPU_BUNDLE with what it lacks; `make gpu-check` (there) runs
@@ -47,10 +47,10 @@ GPU_OUT     ?= gpu-check
 GPU_DEVICE  ?= cuda
 
 gpu-bundle: setup
-	PYTHONPATH=src $(BIN)/python -m memtl.gpu_check --make-bundle --bundle $(GPU_BUNDLE)
+	PYTHONPATH=src $(BIN)/python -m memtl.tools.gpu_check --make-bundle --bundle $(GPU_BUNDLE)
 
 gpu-check:
-	PYTHONPATH=src $(GPU_PY) -m memtl.gpu_check --device $(GPU_DEVICE) --bundle $(GPU_BUNDLE) --out $(GPU_OUT) $(ARGS)
+	PYTHONPATH=src $(GPU_PY) -m memtl.tools.gpu_check --device $(GPU_DEVICE) --bundle $(GPU_BUNDLE) --out $(GPU_OUT) $(ARGS)
 
 gpu-check-cpu: setup
 	$(MAKE) gpu-check GPU_PY=$(BIN)/python GPU_DEVICE=cpu GPU_OUT=gpu-check-cpu

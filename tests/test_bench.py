@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from memtl.bench import main
+from memtl.tools.bench import main
 from memtl.cli import main as cli_main
 
 

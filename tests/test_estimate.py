@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from memtl.bench import build_model, measure_peak_mib
+from memtl.tools.bench import build_model, measure_peak_mib
 from memtl.cli import main as cli_main
-from memtl.estimate import METHODS, estimate, load_geometry, main, parameter_counts, parse_size, simulate
+from memtl.tools.estimate import METHODS, estimate, load_geometry, main, parameter_counts, parse_size, simulate
 
 MIB = 2**20
 # Predicted peak step memory vs memtl bench's measurement (CPU profiler), fp32. The model
@@ -42,7 +42,7 @@ def test_prediction_tracks_depth_like_the_methods_promise():
 def test_parameter_counts_match_the_methods(method):
     from memtl.methods import apply_method, count_parameters
 
-    from memtl.bench import METHOD_SPECS
+    from memtl.tools.bench import METHOD_SPECS
 
     name, options = METHOD_SPECS[method]
     counts = count_parameters(apply_method(build_model("tiny", None, 0), name, **options))

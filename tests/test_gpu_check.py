@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from memtl import gpu_check
-from memtl.gpu_check import PARTS, TRAIN_RUNS, judge_bench, judge_estimate, judge_gradcheck, judge_train, main
+from memtl.tools import gpu_check
+from memtl.tools.gpu_check import PARTS, TRAIN_RUNS, judge_bench, judge_estimate, judge_gradcheck, judge_train, main
 
 
 def _gpu_check(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    return subprocess.run([sys.executable, "-m", "memtl.gpu_check", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "memtl.tools.gpu_check", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env=env)
 
 

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from memtl.errors import ConfigError
 from memtl.preflight import preflight
-from memtl.report import main as report_main
+from memtl.tools.report import main as report_main
 
 TINY = ["backbone=tiny_bert", "task=glue/rte", "trainer.limit_train_batches=3", "trainer.max_epochs=1",
         "data.max_eval_samples=24", "logger=none", "callbacks.memory.measure_batches=[1]",

@@ -352,7 +352,7 @@ def test_minilm_starting_point():
 def test_recon_command_prints_a_table(capsys, tmp_path):
     import json
 
-    from memtl.methods.meft.diagnostics import main
+    from memtl.tools.recon import main
 
     out = tmp_path / "recon.json"
     assert main(["--variants", "meft2", "--layers", "2", "--precisions", "32", "--out", str(out)]) == 0

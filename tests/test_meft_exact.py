@@ -17,7 +17,7 @@ from memtl.methods import apply_method
 from memtl.methods.meft import meft_stacks
 from memtl.methods.meft.diagnostics import reconstruction_report
 from memtl.methods.meft.engine import FixedPoint, FixedPointOverflow, RemainderStack, as_fraction
-from memtl.methods.meft.gradcheck import EOS, PAD, _grads, max_rel_err, padded_batch, rev_vs_plain, tiny_model
+from memtl.tools.gradcheck import EOS, PAD, _grads, max_rel_err, padded_batch, rev_vs_plain, tiny_model
 
 VARIANTS = ["meft1", "meft2", "meft3"]
 ARCHS = ["bert", "bart", "opt", "opt-350m", "llama"]
@@ -127,7 +127,7 @@ def test_rationals_with_a_numerator_are_exact(variant):
 def test_smollm2_real_weights_all_30_layers():
     """SmolLM2-135M's real weights (~20 s to load), all 30 layers reversible, float32: the exact
     reversible gradients match plain autograd."""
-    from memtl.methods.meft.gradcheck import smollm2_rows
+    from memtl.tools.gradcheck import smollm2_rows
 
     rows = smollm2_rows(length=32, inverses=("exact",))
     print(rows)

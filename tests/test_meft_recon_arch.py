@@ -19,11 +19,11 @@ from conftest import LogRecorder
 from memtl.methods.meft import meft_stacks, stack_layers
 from memtl.methods.meft.diagnostics import (
     ReconstructionErrorMonitor,
-    main,
     reconstruction_errors,
     reconstruction_report,
 )
-from memtl.methods.meft.gradcheck import EOS, PAD, padded_batch, tiny_model
+from memtl.tools.gradcheck import EOS, PAD, padded_batch, tiny_model
+from memtl.tools.recon import main
 
 ARCHS = ["bart", "opt", "opt-350m", "llama"]
 VARIANTS = ["meft1", "meft2", "meft3"]

@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli
 
 from memtl.data.glue import read_glue_split
-from memtl.report import build_tables, label_offsets, load_runs, main, pareto_front
+from memtl.tools.report import build_tables, label_offsets, load_runs, main, pareto_front
 
 
 @pytest.fixture(scope="module")

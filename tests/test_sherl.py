@@ -577,7 +577,7 @@ def test_recomputing_the_side_module_lowers_the_measured_peak():
     """recompute_side (the default) against the side module's activations kept: the peak
     step memory (memtl bench's measurement) drops by about the side module's saves per early
     layer, while checkpointing the late layer as well gains little more with k = 1."""
-    from memtl.bench import measure_peak_mib
+    from memtl.tools.bench import measure_peak_mib
 
     peak = {spec: measure_peak_mib(spec, "tiny", 8, 8, 128, torch.device("cpu")) for spec in
             ("sherl", "sherl+keep", "sherl+ckpt")}

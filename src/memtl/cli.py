@@ -1,6 +1,6 @@
 """``memtl <command>``: the tools around training (training itself is ``python train.py``).
 
-    memtl bench [--geometry ...]     side-by-side memory/speed benchmark (python -m memtl.bench)
+    memtl bench [--geometry ...]     side-by-side memory/speed benchmark (python -m memtl.tools.bench)
     memtl recon [--layers 6,12,24]   MEFT reconstruction error vs depth and precision
     memtl gradcheck                  MEFT reversible gradients vs plain autograd (the exactness table)
     memtl estimate [--backbone ...]  predicted peak memory per method, and whether it fits a budget
@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-COMMANDS = {"bench": "memtl.bench", "recon": "memtl.methods.meft.diagnostics",
-            "gradcheck": "memtl.methods.meft.gradcheck", "estimate": "memtl.estimate",
-            "report": "memtl.report", "options": "memtl.methods.options",
-            "gpu-check": "memtl.gpu_check"}
+COMMANDS = {"bench": "memtl.tools.bench", "recon": "memtl.tools.recon",
+            "gradcheck": "memtl.tools.gradcheck", "estimate": "memtl.tools.estimate",
+            "report": "memtl.tools.report", "options": "memtl.methods.options",
+            "gpu-check": "memtl.tools.gpu_check"}
 
 
 class ArgumentParser(argparse.ArgumentParser):

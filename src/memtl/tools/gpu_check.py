@@ -1,7 +1,7 @@
 """``memtl gpu-check``: one prepared check that proves on CUDA what the CPU cannot, and measures it.
 
     make gpu-bundle                   # here: fill .gpu-bundle/ (hydra-core, omegaconf, GLUE RTE, MiniLM's tokenizer)
-    make gpu-check                    # on the GPU machine: python3 -m memtl.gpu_check --device cuda
+    make gpu-check                    # on the GPU machine: python3 -m memtl.tools.gpu_check --device cuda
     memtl gpu-check --device cpu      # the same parts at tiny sizes (what the test suite runs)
 
 Four parts, each in its own process under its own time limit: a part that errors or runs
@@ -45,8 +45,8 @@ from pathlib import Path
 from memtl.cli import ArgumentParser
 
 PARTS = ("gradcheck", "bench", "estimate", "train")
-REPO = Path(__file__).resolve().parents[2]
-SRC = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
+SRC = Path(__file__).resolve().parents[2]
 BUNDLE_PACKAGES = ("hydra-core", "omegaconf", "antlr4-python3-runtime")  # what the GPU machine lacks
 TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 RTE_FILES = ("train.tsv", "dev.tsv")
@@ -192,7 +192,7 @@ class Part:
 
 
 def part_gradcheck(p: Part) -> None:
-    from memtl.methods.meft.gradcheck import oracle_rows
+    from memtl.tools.gradcheck import oracle_rows
 
     rows: list[dict] = []
 
@@ -209,7 +209,7 @@ def part_bench(p: Part) -> None:
 
     import torch
 
-    from memtl.bench import add_ratios, bench_point
+    from memtl.tools.bench import add_ratios, bench_point
 
     plan = p.plan["bench"]
     rows: list[dict] = []
@@ -238,7 +238,7 @@ def part_bench(p: Part) -> None:
 
 
 def part_estimate(p: Part) -> None:
-    from memtl.estimate import compare
+    from memtl.tools.estimate import compare
 
     bench = p.out / "parts" / "bench.json"
     rows = json.loads(bench.read_text()).get("rows") if bench.is_file() else None
@@ -333,7 +333,7 @@ def _finite(*xs) -> bool:
 
 
 def judge_gradcheck(data: dict, device: str) -> list[dict]:
-    from memtl.methods.meft.gradcheck import ARCHS, TOL_BF16_RATIO, TOL_FLOAT32_DEEP, TOL_FLOAT64, VARIANTS
+    from memtl.tools.gradcheck import ARCHS, TOL_BF16_RATIO, TOL_FLOAT32_DEEP, TOL_FLOAT64, VARIANTS
 
     rows = data.get("rows") or []
     checks = [_check("gradcheck", "every variant on every architecture", len(rows) == len(ARCHS) * len(VARIANTS),
@@ -467,7 +467,7 @@ def spawn(name: str, device: str, out: Path, bundle: Path, timeout: float, injec
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
            "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "MEMTL_CACHE": str((out / "cache").resolve())}
-    cmd = [sys.executable, "-m", "memtl.gpu_check", "--part", name, "--device", device, "--out", str(out),
+    cmd = [sys.executable, "-m", "memtl.tools.gpu_check", "--part", name, "--device", device, "--out", str(out),
            "--bundle", str(bundle)] + (["--inject-failure", inject] if inject else [])
     (out / "parts" / f"{name}.json").unlink(missing_ok=True)
     log = out / "logs" / f"{name}.log"

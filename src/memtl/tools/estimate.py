@@ -104,7 +104,7 @@ ALIASES = {"bert-base": "bert-base-uncased", "bert_base": "bert-base-uncased", "
 def load_geometry(backbone: str, layers: int | None = None) -> Geometry:
     """A backbone name (memtl bench geometry, known hub config, hub id in the local cache)
     or a path to a config.json / model folder."""
-    from memtl.bench import GEOMETRIES
+    from memtl.tools.bench import GEOMETRIES
 
     name = ALIASES.get(backbone, backbone)
     if backbone in GEOMETRIES:  # the benchmark's random geometries (BertConfig defaults otherwise)
@@ -765,7 +765,7 @@ def validate(geometries: list[str], shapes: list[tuple[int, int]], methods: list
     """Run ``memtl bench`` on ``device`` for each configuration and put the prediction beside it."""
     import torch
 
-    from memtl.bench import measure_peak_mib
+    from memtl.tools.bench import measure_peak_mib
 
     measured = []
     for geo in geometries:
@@ -783,7 +783,7 @@ def compare(bench_rows: list[dict]) -> list[dict]:
     """Predicted against measured for rows shaped like ``memtl bench``'s (geometry, method,
     batch_size, seq_len, precision, device, peak_step_mib), each with its device's kernels.
     Rows the estimator cannot model (other architectures, method specs it lacks) are left out."""
-    from memtl.bench import GEOMETRIES
+    from memtl.tools.bench import GEOMETRIES
 
     rows = []
     for r in bench_rows:
@@ -859,7 +859,7 @@ def main(argv=None) -> int:
     try:
         methods, shapes = _check(args)
         if args.validate:
-            from memtl.bench import GEOMETRIES
+            from memtl.tools.bench import GEOMETRIES
 
             geos = [x.strip() for x in args.geometries.split(",") if x.strip()]
             bad = [x for x in geos if x not in GEOMETRIES]

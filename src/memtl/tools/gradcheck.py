@@ -204,7 +204,7 @@ def table(include_minilm: bool = True, include_smollm2: bool = False, depth: int
                         batch, None)
             rows.append(row)
     if include_minilm:
-        from memtl.bench import build_model, make_batch
+        from memtl.tools.bench import build_model, make_batch
 
         for variant in VARIANTS:
             row = {"variant": variant, "backbone": "MiniLM (6 layers)"}
@@ -226,7 +226,7 @@ def smollm2_rows(length: int = 64, inverses=INVERSES) -> list[dict]:
 
     from memtl.backbones import load_model, load_tokenizer
 
-    entry = OmegaConf.load(Path(__file__).parents[4] / "conf" / "backbone" / "smollm2_135m.yaml")
+    entry = OmegaConf.load(Path(__file__).parents[3] / "conf" / "backbone" / "smollm2_135m.yaml")
     tok = load_tokenizer(entry)
     model = load_model(entry, tokenizer=tok, head="causal_lm")
     rows = []
