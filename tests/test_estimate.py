@@ -42,7 +42,7 @@ def test_prediction_tracks_depth_like_the_methods_promise():
 def test_parameter_counts_match_the_methods(method):
     from memtl.methods import apply_method, count_parameters
 
-    from memtl.tools.bench import METHOD_SPECS
+    from memtl.tools.registry import METHOD_SPECS
 
     name, options = METHOD_SPECS[method]
     counts = count_parameters(apply_method(build_model("tiny", None, 0), name, **options))
@@ -123,3 +123,16 @@ def test_validate_runs_the_benchmark(capsys):
     assert [r["method"] for r in rows] == ["full", "meft3"]
     assert {r["device"] for r in rows} == {"cpu"}  # no GPU here: --validate measures where it can
     assert all(abs(r["error"]) <= 0.15 for r in rows)
+
+
+def test_the_estimator_reads_the_tools_method_table():
+    """One table of method labels (memtl.tools.registry): the estimator builds its methods from
+    it and refuses a label whose options it does not model."""
+    from memtl.tools.estimate import method_of
+    from memtl.tools.registry import METHOD_SPECS
+
+    assert set(METHODS) <= set(METHOD_SPECS)
+    assert METHODS["sherl+keep"].recompute_side is False and METHODS["meft2+float"].inverse == "float"
+    assert METHODS["lora+ckpt"].ckpt and METHODS["lora+ckpt"].name == "lora"
+    with pytest.raises(ValueError, match="does not model"):
+        method_of("sherl+paper")

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 
 from memtl.cli import ArgumentParser
 from memtl.errors import ConfigError
+from memtl.tools.registry import METHOD_SPECS
 
 MIB = 2**20
 GB = 10**9
@@ -155,14 +156,23 @@ class Method:
     inverse: str = "exact"  # MEFT: exact (fixed-point streams) | float
 
 
-METHODS = {
-    "full": Method("full"), "lora": Method("lora"), "full+ckpt": Method("full", ckpt=True),
-    "lora+ckpt": Method("lora", ckpt=True), "meft1": Method("meft1"), "meft2": Method("meft2"),
-    "meft3": Method("meft3"), "meft1+float": Method("meft1", inverse="float"),
-    "meft2+float": Method("meft2", inverse="float"), "meft3+float": Method("meft3", inverse="float"),
-    "sherl": Method("sherl"), "sherl+keep": Method("sherl", recompute_side=False),
-    "sherl+ckpt": Method("sherl", ckpt=True),
-}
+# the labels of the tools' method table (memtl.tools.registry) the estimator models; SHERL's
+# paper setting on decoders and the head-only probe are not modelled
+MODELLED = ("full", "lora", "full+ckpt", "lora+ckpt", "meft1", "meft2", "meft3", "meft1+float", "meft2+float",
+            "meft3+float", "sherl", "sherl+keep", "sherl+ckpt")
+
+
+def method_of(label: str) -> Method:
+    """The estimator's ``Method`` for a label of the tools' method table."""
+    name, options = METHOD_SPECS[label]
+    known = {"gradient_checkpointing", "recompute_side", "inverse"}
+    if set(options) - known:
+        raise ValueError(f"{label}: the estimator does not model option(s) {sorted(set(options) - known)}")
+    return Method(name, ckpt=options.get("gradient_checkpointing", False),
+                  recompute_side=options.get("recompute_side", True), inverse=options.get("inverse", "exact"))
+
+
+METHODS = {label: method_of(label) for label in MODELLED}
 
 
 def parameter_counts(g: Geometry, m: Method, num_labels: int = 2) -> dict[str, int]:
