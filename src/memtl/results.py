@@ -20,7 +20,7 @@ def write_results(output_dir: str | os.PathLike | None, results: dict[str, Any])
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS_FILE
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=False, default=jsonable) + "\n")
     os.replace(tmp, path)
     return path
 
@@ -85,7 +85,7 @@ def _git(repo: Path) -> dict[str, Any]:
         return {"git_commit": None, "git_dirty": None}
 
 
-def _jsonable(x):
+def jsonable(x):
     if hasattr(x, "item"):
         return x.item()
     if isinstance(x, (set, tuple)):

@@ -43,6 +43,7 @@ import traceback
 from pathlib import Path
 
 from memtl.cli import ArgumentParser
+from memtl.results import jsonable
 
 PARTS = ("gradcheck", "bench", "estimate", "train")
 REPO = Path(__file__).resolve().parents[3]
@@ -187,7 +188,7 @@ class Part:
     def save(self, **data) -> None:
         self.data.update(data)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=_jsonable))
+        tmp.write_text(json.dumps(self.data, indent=2, default=jsonable))
         os.replace(tmp, self.path)  # a part killed mid-write leaves the previous complete file
 
 
@@ -628,14 +629,6 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _jsonable(x):
-    if hasattr(x, "item"):
-        return x.item()
-    if isinstance(x, (set, tuple)):
-        return list(x)
-    return str(x)
-
-
 # ---------------------------------------------------------------------------------------
 # command line
 
@@ -702,7 +695,7 @@ def main(argv=None) -> int:
         return 2
     use_bundle(bundle)
     report = check_all(device, out, bundle, parts, timeouts, args.inject_failure)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=jsonable) + "\n")
     md = markdown(report)
     (out / "gpu_check.md").write_text(md)
     print(md)
