@@ -8,7 +8,7 @@ from memtl.cli import main as cli_main
 
 
 def test_bench_table_contract(tmp_path, capsys):
-    rc = main(["--geometry", "tiny", "--layers", "2,4", "--methods", "lora,full+ckpt,meft2", "--batch-size", "2",
+    rc = main(["--geometry", "tiny-bert", "--layers", "2,4", "--methods", "lora,full+ckpt,meft2", "--batch-size", "2",
                "--seq-len", "16", "--steps", "2", "--out", str(tmp_path)])
     assert rc == 0
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
@@ -32,7 +32,7 @@ def test_bench_table_contract(tmp_path, capsys):
 
 
 def test_bench_grid_of_lengths_and_batches(tmp_path):
-    rc = main(["--geometry", "tiny", "--methods", "meft3", "--batch-size", "1,2", "--seq-len", "8,32", "--steps", "1",
+    rc = main(["--geometry", "tiny-bert", "--methods", "meft3", "--batch-size", "1,2", "--seq-len", "8,32", "--steps", "1",
                "--out", str(tmp_path), "--no-peers"])
     assert rc == 0
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
@@ -85,7 +85,7 @@ def test_bench_other_architectures(tmp_path, geometry):
 
 def test_bench_head_only_reference_keeps_no_backbone_activations(tmp_path):
     """The linear-probe row: a frozen backbone leaves autograd nothing of its own to keep."""
-    rc = main(["--geometry", "tiny", "--layers", "2,4", "--methods", "head", "--batch-size", "2", "--seq-len", "16",
+    rc = main(["--geometry", "tiny-bert", "--layers", "2,4", "--methods", "head", "--batch-size", "2", "--seq-len", "16",
                "--steps", "1", "--out", str(tmp_path), "--no-peers", "--no-plots"])
     assert rc == 0
     by = {(r["method"], r["layers"]): r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}

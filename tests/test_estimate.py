@@ -19,8 +19,8 @@ TOLERANCE = 0.10
 @pytest.mark.parametrize("batch,seq", [(8, 64), (16, 128)])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_prediction_matches_the_benchmark_on_tiny(method, batch, seq):
-    measured = measure_peak_mib(method, "tiny", None, batch, seq, torch.device("cpu"))
-    predicted = simulate(load_geometry("tiny"), METHODS[method], batch, seq) / MIB
+    measured = measure_peak_mib(method, "tiny-bert", None, batch, seq, torch.device("cpu"))
+    predicted = simulate(load_geometry("tiny-bert"), METHODS[method], batch, seq) / MIB
     assert predicted == pytest.approx(measured, rel=TOLERANCE), (predicted, measured)
 
 
@@ -45,8 +45,8 @@ def test_parameter_counts_match_the_methods(method):
     from memtl.tools.registry import METHOD_SPECS
 
     name, options = METHOD_SPECS[method]
-    counts = count_parameters(apply_method(build_model("tiny", None, 0), name, **options))
-    predicted = parameter_counts(load_geometry("tiny"), METHODS[method])
+    counts = count_parameters(apply_method(build_model("tiny-bert", None, 0), name, **options))
+    predicted = parameter_counts(load_geometry("tiny-bert"), METHODS[method])
     assert predicted["trainable"] == counts["trainable"]
     if method.startswith(("full", "meft", "sherl")):  # peft's head copies aside, totals agree too
         assert predicted["total"] == counts["total"]
@@ -77,7 +77,7 @@ def test_cli_table_contract(capsys):
 
 
 def test_cli_json_and_budget_units(capsys):
-    assert main(["--backbone", "tiny", "--methods", "full,meft1", "--json", "--budget", "512MiB"]) == 0
+    assert main(["--backbone", "tiny-bert", "--methods", "full,meft1", "--json", "--budget", "512MiB"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["method"] for r in rows] == ["full", "meft1"] and all(r["fits"] for r in rows)
     assert rows[1]["peak_step_bytes"] < rows[0]["peak_step_bytes"]
@@ -99,7 +99,7 @@ BAD = [
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--backbone", "bert-base", "--seq-len", "1024"], "--seq-len 1024: bert-base has 512 positions"),
     (["--backbone", "no-such/model"], "--backbone no-such/model: not a known config"),
-    (["--backbone", "tiny", "--layers", "1", "--methods", "sherl"], "SHERL needs at least 2 layers"),
+    (["--backbone", "tiny-bert", "--layers", "1", "--methods", "sherl"], "SHERL needs at least 2 layers"),
     (["--validate", "--geometries", "nope"], "--geometries: unknown nope"),
     (["--validate", "--shapes", "8by64"], "--shapes '8by64'"),
     (["--validate", "--device", "cuda"], "--validate --device cuda: no CUDA device here"),
@@ -115,7 +115,7 @@ def test_bad_input_is_one_line_exit_2(args, needle, capsys, monkeypatch):
 
 
 def test_validate_runs_the_benchmark(capsys):
-    rc = main(["--validate", "--geometries", "tiny", "--shapes", "4x32", "--methods", "full,meft3", "--json"])
+    rc = main(["--validate", "--geometries", "tiny-bert", "--shapes", "4x32", "--methods", "full,meft3", "--json"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "max |error|" in out and "measured MiB" in out

@@ -71,9 +71,9 @@ def test_cpu_mode_runs_every_part_and_reports_every_figure(cpu_run, bundle):
     assert {r["method"] for r in bench} == {"full", "lora", "full+ckpt", "lora+ckpt", "meft1", "meft2", "meft3",
                                             "sherl"}
     assert {r["seq_len"] for r in bench if r["label"] == "length sweep"} == {32, 64, 128}
-    assert {r["geometry"] for r in bench} == {"tiny", "tiny-opt"}
+    assert {r["geometry"] for r in bench} == {"tiny-bert", "tiny-opt"}
     estimates = parts["estimate"]["data"]["rows"]
-    assert estimates and {r["geometry"] for r in estimates} == {"tiny"}  # OPT is not the estimator's
+    assert estimates and {r["geometry"] for r in estimates} == {"tiny-bert"}  # OPT is not the estimator's
     runs = parts["train"]["data"]["runs"]
     assert [r["method"] for r in runs] == [m for m, _ in TRAIN_RUNS]
     for r in runs:
@@ -115,7 +115,7 @@ def test_each_judge_fails_on_bad_figures(cpu_run):
     assert "bench: timed steps per method" in _failed(judge_bench(parts["bench"]["data"], "cuda"))  # GPU: >= 10
     est = copy.deepcopy(parts["estimate"]["data"])
     est["rows"][0]["error"] = 0.5
-    assert _failed(judge_estimate(est, "cpu")) == ["estimate: tiny 8x64 fp32"]
+    assert _failed(judge_estimate(est, "cpu")) == ["estimate: tiny-bert 8x64 fp32"]
     train = copy.deepcopy(parts["train"]["data"])
     train["runs"][1]["peak_step_bytes"] = 10 * train["runs"][0]["peak_step_bytes"]
     assert _failed(judge_train(train, "cpu")) == ["train: meft2 below full fine-tuning's step memory"]

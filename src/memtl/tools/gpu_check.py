@@ -82,10 +82,10 @@ PLANS = {
         "timeouts": {"gradcheck": 150, "bench": 120, "estimate": 60, "train": 240},
         "gradcheck": {"depth": 4, "hidden": 32},
         "bench": {"steps": 3, "points": [
-            ("tiny BERT", "tiny", 8, (64,), "32"),
+            ("tiny BERT", "tiny-bert", 8, (64,), "32"),
             ("tiny OPT", "tiny-opt", 8, (64,), "32"),
-            ("length sweep", "tiny", 4, (32, 64, 128), "32"),
-            ("tiny BERT bf16", "tiny", 8, (64,), "bf16-mixed"),
+            ("length sweep", "tiny-bert", 4, (32, 64, 128), "32"),
+            ("tiny BERT bf16", "tiny-bert", 8, (64,), "bf16-mixed"),
         ]},
         "train": {"pin": "trainer=cpu", "overrides": [
             "data.max_train_samples=32", "data.max_eval_samples=32", "data.batch_size=8", "trainer.max_steps=4"]},

@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     import json
     import sys
 
-    from memtl.tools.bench import ARCH_GEOMETRIES, GEOMETRIES, int_list
+    from memtl.geometries import GEOMETRIES
+    from memtl.tools.bench import int_list
     from memtl.cli import ArgumentParser, check_out_file
     from memtl.errors import ConfigError
 
@@ -68,9 +69,9 @@ def main(argv=None) -> int:
     p.add_argument("--inverses", default="exact,float", help="exact (fixed-point streams) and/or float (the paper's)")
     p.add_argument("--lam", type=float, default=None, help="override lambda (default: the variant's)")
     p.add_argument("--beta", type=float, default=None)
-    p.add_argument("--geometry", default="minilm-random", choices=[*GEOMETRIES, *ARCH_GEOMETRIES],
-                   help="random-init model shape, as memtl bench's (BERT: minilm-random, the default, adds the "
-                        f"pre-trained MiniLM at 6 layers; other architectures: {', '.join(ARCH_GEOMETRIES)})")
+    p.add_argument("--geometry", default="minilm-random", choices=list(GEOMETRIES),
+                   help="random-init model shape from memtl.geometries (minilm-random, the default, adds the "
+                        "pre-trained MiniLM at 6 layers)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
