@@ -23,7 +23,7 @@ from conftest import assert_pretrained_kept, saved_while_inside, tiny_hf_model
 
 from memtl.errors import ConfigError
 from memtl.methods import apply_method, available_methods, count_parameters, method_options
-from memtl.methods.sherl import SherlEncoder
+from memtl.methods.sherl import SherlSplit
 from memtl.methods.sherl.side import EPS, AntiRedundancyFusion, _FusionFunction
 
 HIDDEN, LAYERS, LABELS = 32, 4, 3
@@ -51,9 +51,10 @@ def make_batch(n=4, length=9, seed=1, pad_id=0):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def encoder_of(model) -> SherlEncoder:
+def encoder_of(model) -> torch.nn.Module:
+    """The HF encoder that SHERL split (``.sherl``: its hooks; ``.side``: the side module)."""
     backbone = model if isinstance(model, BertModel) else model.base_model
-    assert isinstance(backbone.encoder, SherlEncoder)
+    assert isinstance(backbone.encoder.sherl, SherlSplit)
     return backbone.encoder
 
 
@@ -138,9 +139,15 @@ def test_gate_init_sets_the_skip_opening_and_the_late_layers_see_h(opening):
     """``gate_init`` starts tanh(g/T) there; the late layers then read side output + opening·h_{N-k}."""
     torch.manual_seed(0)
     model = tiny_model(gate_init=opening, gate_temperature=0.2)
-    enc = encoder_of(model).eval()
+    enc = encoder_of(model)
+    model.eval()
     assert enc.side.diagnostics()["sherl_skip_gate"] == pytest.approx(opening, abs=1e-6)
-    features = enc.early_features(torch.randn(2, 5, HIDDEN))
+    features = []  # [h_0 … h_{N-k}] as the side module receives them in a forward
+    handle = enc.side.register_forward_pre_hook(lambda mod, args: features.extend(args[0]))
+    with torch.no_grad():
+        model(**make_batch())
+    handle.remove()
+    assert len(features) == enc.sherl.num_early + 1
     closed = enc.side.combine([enc.side.project(i, h) for i, h in enumerate(features)], torch.zeros_like(features[-1]))
     torch.testing.assert_close(enc.side(features) - closed, opening * features[-1], rtol=1e-5, atol=1e-5)
 
@@ -236,7 +243,7 @@ def test_roberta_and_bare_model_heads():
 def test_no_gradient_and_no_graph_in_the_early_route():
     model = tiny_model(late_layers=1)
     enc = encoder_of(model)
-    early = [model.bert.embeddings, *enc.layer[: enc.num_early]]
+    early = [model.bert.embeddings, *enc.layer[: enc.sherl.num_early]]
     for m in early:  # even if someone unfroze them, no gradient may reach them
         m.requires_grad_(True)
     model.train()
@@ -285,7 +292,7 @@ def test_nothing_from_inside_the_early_layers_is_saved():
         return hook
 
     handles = []
-    for layer in enc.layer[: enc.num_early]:
+    for layer in enc.layer[: enc.sherl.num_early]:
         handles.append(layer.register_forward_hook(keep(outputs)))
         for sub in layer.modules():
             if sub is not layer:

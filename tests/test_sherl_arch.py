@@ -29,7 +29,7 @@ from conftest import assert_pretrained_kept, saved_while_inside
 
 from memtl.errors import ConfigError
 from memtl.methods import apply_method
-from memtl.methods.sherl.decoder import SherlSplit, embedding_modules
+from memtl.methods.sherl import SherlSplit
 
 HIDDEN, LAYERS, LABELS, VOCAB = 32, 4, 3, 100
 ARCHS = ["bart", "opt", "opt350", "llama"]
@@ -43,6 +43,8 @@ MODELS = {  # arch -> (bare, causal LM, sequence classification)
     "llama": (LlamaModel, LlamaForCausalLM, LlamaForSequenceClassification),
 }
 HEADS = {"bare": 0, "causal": 1, "seq": 2}
+# the modules of a decoder stack that compute its embedding output h_0 (those it has)
+EMBEDDINGS = ("embed_tokens", "embed_positions", "project_in", "layernorm_embedding")
 KEPT = {"preserve_start": True, "start_form": "out_proj"}  # the pre-trained starting point kept
 KEPT_SCALE = {"preserve_start": True, "start_form": "scale"}
 # the paper's SHERL; these tests pass it unless they ask for the family defaults (decoder LMs
@@ -92,8 +94,8 @@ def early_modules(model) -> list[torch.nn.Module]:
     """Everything on the early route: embeddings, BART's encoder, the early layers."""
     stack = stack_of(model)
     encoder = getattr(model.base_model, "encoder", None)
-    return ([encoder] if encoder is not None else []) + embedding_modules(stack) + \
-        list(stack.layers[: stack.sherl.num_early])
+    embeddings = [m for name in EMBEDDINGS if isinstance(m := getattr(stack, name, None), torch.nn.Module)]
+    return ([encoder] if encoder is not None else []) + embeddings + list(stack.layers[: stack.sherl.num_early])
 
 
 def make_batch(arch, head="seq", n=4, length=9, seed=1):

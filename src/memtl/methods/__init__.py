@@ -94,21 +94,21 @@ def resolved_options(name: str, config, **options: Any):
     return opts.for_model(config, name) if hasattr(opts, "for_model") else opts
 
 
-def architecture_module(model: nn.Module, package: str, architectures: dict[str, str], method: str):
-    """The module of ``package`` that ``architectures`` maps ``model``'s ``config.model_type``
-    to (MEFT and SHERL each have one per architecture family), or one ConfigError line
-    naming the supported types."""
+def supported_model_type(model: nn.Module, architectures, method: str) -> str:
+    """``model``'s ``config.model_type`` if ``architectures`` (a mapping keyed by model type)
+    has it, else one ConfigError line naming the supported types."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in architectures:
         raise ConfigError(f"method={method}: model type {model_type!r} ({type(model).__name__}) is not supported; "
                           f"{method.upper().rstrip('123')} supports {', '.join(sorted(architectures))}: "
                           "choose such a backbone")
-    return importlib.import_module(f"{package}.{architectures[model_type]}")
+    return model_type
 
 
-def architecture_installer(model: nn.Module, package: str, architectures: dict[str, str], method: str):
-    """``install`` of ``architecture_module`` (SHERL has one per architecture family)."""
-    return architecture_module(model, package, architectures, method).install
+def architecture_module(model: nn.Module, package: str, architectures: dict[str, str], method: str):
+    """The module of ``package`` that ``architectures`` maps ``model``'s ``config.model_type``
+    to (MEFT has one per architecture family), or ``supported_model_type``'s error."""
+    return importlib.import_module(f"{package}.{architectures[supported_model_type(model, architectures, method)]}")
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

@@ -26,13 +26,15 @@ def looks_like_bert_layer(layer: nn.Module) -> bool:
             and hasattr(attn, "self") and hasattr(attn, "output"))
 
 
-def encoder_layers(model: nn.Module, method: str, label: str, installed: type) -> tuple[nn.Module, nn.ModuleList]:
+def encoder_layers(model: nn.Module, method: str, label: str,
+                   installed: type | None = None) -> tuple[nn.Module, nn.ModuleList]:
     """(backbone, its encoder layers) of a supported, not yet converted encoder model;
-    otherwise one ConfigError line. ``installed``: the encoder class the method installs."""
+    otherwise one ConfigError line. ``installed``: the encoder class the method installs
+    (None: the method checks for itself whether it was applied already)."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     backbone = find_backbone(model)
-    if isinstance(getattr(backbone, "encoder", None), installed):
+    if installed is not None and isinstance(getattr(backbone, "encoder", None), installed):
         raise ConfigError(f"method={method}: {type(model).__name__} already has {label} applied; "
                           "apply a method once, to a fresh pre-trained model")
     layers = getattr(getattr(backbone, "encoder", None), "layer", None)

@@ -10,11 +10,13 @@ module, mapped back to width d and added to the gated ``tanh(g/T)·h_{N−k}``; 
 enters the last k pre-trained layers, which run with autograd, then the task head.
 Layout:
 
-- ``side.py`` projections, anti-redundancy fusion, output block (architecture-agnostic)
-- ``late.py`` optional LoRA (peft) / adapters in the late layers
-- ``bert.py`` BERT/RoBERTa: the encoder replacement
-- ``decoder.py`` OPT and LLaMA: hooks that split the HF decoder stack (also used by BART)
-- ``bart.py`` BART: encoder + early decoder layers on the early route, last k decoder layers late
+- ``side.py``  projections, anti-redundancy fusion, output block (architecture-agnostic)
+- ``install.py``  the one install: hooks that split the HF module owning the layer loop
+  into the two routes, transformers' own forward left running (``SherlSplit``)
+- ``architectures.py``  per model type, where that module, its layers and the early
+  modules are (BART: the encoder and the early decoder layers early, the last k decoder
+  layers late), and the late-tuning targets
+- ``late.py``  optional LoRA (peft) / adapters in the late layers
 
 Trainable: the side module (projections, fusion w/b, output block, gate g), the task head
 (``classifier``/``classification_head``/``score``/``qa_outputs`` and the backbone's pooler
@@ -44,27 +46,17 @@ import torch
 import torch.nn as nn
 
 from memtl.errors import ConfigError
-from memtl.methods import architecture_installer, register_method
+from memtl.methods import register_method, supported_model_type
 from memtl.methods.bert_family import unfreeze_head
 from memtl.methods.options import MethodOptions, is_int, is_number, option
-from memtl.methods.sherl.bert import SherlEncoder
+from memtl.methods.sherl.architectures import SPECS
+from memtl.methods.sherl.install import SherlSplit, install
 from memtl.methods.sherl.late import add_adapters, add_lora
 from memtl.methods.sherl.side import PROJECTIONS, START_FORMS, AntiRedundancyFusion, SideModule
 
-__all__ = ["SherlOptions", "SherlEncoder", "SideModule", "AntiRedundancyFusion", "apply_sherl"]
+__all__ = ["SherlOptions", "SherlSplit", "SideModule", "AntiRedundancyFusion", "apply_sherl"]
 
 LATE_TUNING = ("frozen", "lora", "adapter")
-
-# model_type -> the module of this package that installs SHERL in that architecture; each
-# has ``install(model, late_layers, side_width, projection, dropout, temperature,
-# checkpointing) -> backbone``
-ARCHITECTURES = {
-    "bert": "bert",
-    "roberta": "bert",
-    "bart": "bart",
-    "opt": "decoder",
-    "llama": "decoder",
-}
 
 
 # Defaults that depend on the backbone family: an option left at None takes its family's
@@ -144,16 +136,15 @@ def hidden_dropout(config) -> float:
 def apply_sherl(model: nn.Module, opts: SherlOptions) -> nn.Module:
     """Apply SHERL to a supported model in place; returns it."""
     model.requires_grad_(False)  # everything pre-trained is frozen ...
-    install = architecture_installer(model, __name__, ARCHITECTURES, "sherl")
+    arch = SPECS[supported_model_type(model, SPECS, "sherl")]
     dropout = hidden_dropout(model.config) if opts.dropout is None else opts.dropout
-    backbone, side, late = install(model, opts.late_layers, opts.side_width, opts.projection, dropout,
+    backbone, side, late = install(model, arch, opts.late_layers, opts.side_width, opts.projection, dropout,
                                    float(opts.gate_temperature), opts.gradient_checkpointing)
-    model_type = model.config.model_type
     if opts.late_tuning == "lora":  # first: peft leaves only its adapters trainable
-        add_lora(model, late, model_type, opts.late_lora_r, float(opts.late_lora_alpha), dropout)
+        add_lora(model, late, arch.lora, opts.late_lora_r, float(opts.late_lora_alpha), dropout)
     elif opts.late_tuning == "adapter":
         for layer in late:
-            for m in add_adapters(layer, model_type, opts.late_adapter_bottleneck, dropout):
+            for m in add_adapters(layer, arch.adapters, opts.late_adapter_bottleneck, dropout):
                 m.requires_grad_(True)
     if opts.preserve_start:
         side.keep_pretrained_start(opts.start_form)

@@ -5,10 +5,7 @@ the frozen weight moves to ``...q_proj.base_layer.weight``). An adapter wraps an
 ``nn.Linear`` and takes over its ``weight``/``bias`` under the same names, so pre-trained
 state-dict keys (``...dense.weight``) are unchanged beside the new ``...dense.adapter.*``.
 
-Where, per architecture (``TARGETS``): LoRA on the self-attention query and value
-projections; adapters after the self-attention output projection and after the
-feed-forward output projection (before each block's dropout + residual [+ LayerNorm]).
-BART's cross-attention stays frozen (see ``bart.py``).
+Where: each architecture's ``lora``/``adapters`` paths (``architectures.py``).
 """
 from __future__ import annotations
 
@@ -35,18 +32,6 @@ class AdaptedLinear(nn.Module):
         return y + self.adapter(y)
 
 
-# model_type -> (LoRA targets, adapter targets), as paths inside one layer
-_ENCODER = (("attention.self.query", "attention.self.value"), ("attention.output.dense", "output.dense"))
-_OPT_BART = (("self_attn.q_proj", "self_attn.v_proj"), ("self_attn.out_proj", "fc2"))
-TARGETS = {
-    "bert": _ENCODER,
-    "roberta": _ENCODER,
-    "bart": _OPT_BART,
-    "opt": _OPT_BART,
-    "llama": (("self_attn.q_proj", "self_attn.v_proj"), ("self_attn.o_proj", "mlp.down_proj")),
-}
-
-
 def _wrap(layer: nn.Module, path: str, make) -> nn.Module:
     parent, _, name = path.rpartition(".")
     owner = layer.get_submodule(parent)
@@ -55,19 +40,20 @@ def _wrap(layer: nn.Module, path: str, make) -> nn.Module:
     return new
 
 
-def add_lora(model: nn.Module, late: list[nn.Module], model_type: str, r: int, alpha: float, dropout: float) -> None:
-    """peft's LoRA (B = 0 at init, scale alpha / r) on the attention query and value
-    projections of the late layers. peft leaves only its adapters trainable, so this runs
-    before the side module and the head are unfrozen."""
+def add_lora(model: nn.Module, late: list[nn.Module], paths: tuple[str, ...], r: int, alpha: float,
+             dropout: float) -> None:
+    """peft's LoRA (B = 0 at init, scale alpha / r) on the linear maps at ``paths`` inside
+    each late layer (the attention query and value projections). peft leaves only its
+    adapters trainable, so this runs before the side module and the head are unfrozen."""
     from peft import LoraConfig, inject_adapter_in_model
 
     names = {id(m): n for n, m in model.named_modules()}
-    targets = [f"{names[id(layer)]}.{path}" for layer in late for path in TARGETS[model_type][0]]
+    targets = [f"{names[id(layer)]}.{path}" for layer in late for path in paths]
     inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                                        bias="none"), model)
 
 
-def add_adapters(layer: nn.Module, model_type: str, bottleneck: int, dropout: float) -> list[nn.Module]:
-    """Adapters after the attention output projection and the feed-forward output projection."""
-    return [_wrap(layer, path, lambda lin: AdaptedLinear(lin, bottleneck, dropout)).adapter
-            for path in TARGETS[model_type][1]]
+def add_adapters(layer: nn.Module, paths: tuple[str, ...], bottleneck: int, dropout: float) -> list[nn.Module]:
+    """Adapters after the linear maps at ``paths`` inside ``layer`` (the attention output
+    projection and the feed-forward output projection)."""
+    return [_wrap(layer, path, lambda lin: AdaptedLinear(lin, bottleneck, dropout)).adapter for path in paths]

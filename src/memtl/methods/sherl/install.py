@@ -1,57 +1,67 @@
-"""SHERL on decoder stacks: OPT (pre-LayerNorm, and the post-LayerNorm OPT-350m form with its
-``project_in``/``project_out``) and the LLaMA family (pre-RMSNorm, rotary position embeddings).
-BART's decoder reuses ``attach`` (``bart.py``).
+"""How SHERL installs itself, the same way in every architecture (docs/DESIGN.md §2).
 
-Transformers' own forward keeps running unchanged: token and position embeddings, the causal
-mask (from ``attention_mask``, any attention implementation), LLaMA's rotary cos/sin, the
-layer loop, the final norm (OPT ``final_layer_norm`` / LLaMA ``norm``), OPT-350m's
-``project_out`` and the heads. So ``model(input_ids, attention_mask, labels)`` works as
-before for ``*Model``, ``*ForCausalLM`` and ``*ForSequenceClassification``. Hooks on the HF
-modules split that forward into SHERL's two routes (docs/DESIGN.md §2):
+Transformers' own forward keeps running unchanged: embeddings, attention masks (from
+``attention_mask``, any attention implementation), LLaMA's rotary cos/sin, the layer loop,
+BART's encoder and cross-attention, final norms, OPT-350m's ``project_out``, poolers and
+heads. So ``model(input_ids, attention_mask, labels)`` works as before for every supported
+model class. Hooks on the HF modules split that forward into SHERL's two routes:
 
-- early route: the embedding modules and ``layers[:N-k]`` run under ``torch.no_grad()``;
+- early route: the modules an architecture declares as running before its layers
+  (embeddings; BART's whole encoder) and ``layers[:N-k]`` run under ``torch.no_grad()``;
   the inputs of ``layers[0 … N-k]`` are kept, detached: h_0 (the embedding output) …
   h_{N-k} (the last early layer's output);
 - the first late layer's forward pre-hook replaces its hidden-states input by
-  ``side([h_0 … h_{N-k}])``; the k late layers run with autograd, with the causal mask and
-  position embeddings HF computed for the whole stack, then the final norm and the head.
+  ``side([h_0 … h_{N-k}])``; the k late layers run with autograd, with the masks and
+  position embeddings HF computed for the whole stack, then the rest of HF's forward.
 
 What HF computes outside modules before layer 0 (OPT's sum of token and position
-embeddings, dropout, the mask, rotary cos/sin) only sees tensors without grad, so it
+embeddings, dropout, the masks, rotary cos/sin) only sees tensors without grad, so it
 records no graph either.
 
-Why hooks rather than a copy of the layer loop: the mask, position and cache handling of
-three model families stays transformers' own (and right), and pre-trained state-dict keys
-do not change (the side module adds ``<stack>.side.*``).
+Why hooks rather than a copy of each layer loop: the mask, position and cache handling of
+every family stays transformers' own (and right), and pre-trained state-dict keys do not
+change: the side module adds ``<stack>.side.*``; ``<stack>.sherl`` (the hooks) is no module.
+An architecture only declares where its parts are (``Architecture``; the table is
+``architectures.py``).
 
-- Gradient checkpointing: the side module through ``torch.utils.checkpoint`` in the hook,
-  each late layer through transformers' per-layer switch
+- Gradient checkpointing: the side module through ``torch.utils.checkpoint``
+  (``SideModule.recompute``), each late layer through transformers' per-layer switch
   (``GradientCheckpointingLayer.gradient_checkpointing``; v5 checkpoints a layer's
   ``forward``, so these hooks stay outside the recomputation).
-- KV cache for inference only: with gradients on the stack runs with ``use_cache=False`` (a
+- KV cache for inference only: with gradients the stack runs with ``use_cache=False`` (a
   cache would keep the early layers' keys and values alive through backward) and an
   explicit ``use_cache=True`` or cache raises a ConfigError; without gradients
   (``generate()``) HF's cache works as in the original model: the side module works per
   token, so each new token's features are all it needs.
 - layerdrop must be 0 (a skipped layer would move the split).
-- LM heads stay frozen: OPT ties its head to the input embeddings (early route); LLaMA's
-  (untied, vocabulary x hidden) is kept frozen alike, so a causal LM trains the side module
-  (+ late LoRA/adapters) only.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from memtl.errors import ConfigError
 from memtl.methods.sherl.side import SideModule, run_without_grad
 
-#: the modules of a decoder stack that compute its embedding output h_0 (those present)
-EMBEDDINGS = ("embed_tokens", "embed_positions", "project_in", "layernorm_embedding")
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where SHERL splits one model type. Paths are attribute paths in the HF base model
+    (``model.base_model``; "" is the base model itself), the late-tuning targets paths inside
+    one layer."""
+
+    stack: str  # the module whose forward loops over the layers that SHERL splits
+    layers: str  # the stack's attribute holding those layers
+    early: tuple[str, ...]  # what runs before the layers and belongs to the early route (those the model has)
+    lora: tuple[str, ...]  # late_tuning=lora: peft's LoRA on these linear maps of each late layer
+    adapters: tuple[str, ...]  # late_tuning=adapter: an adapter after each of these linear maps
+    what: str = "layers"  # what the error messages call the layers
+    check: Callable[[nn.Module], object] | None = None  # refusals of its own (raises ConfigError)
 
 
 def _hidden(args, kwargs) -> torch.Tensor:
@@ -61,8 +71,9 @@ def _hidden(args, kwargs) -> torch.Tensor:
 class SherlSplit:
     """The hooks that split one HF layer stack into SHERL's early and late routes.
 
-    Stored as ``<stack>.sherl``; ``checkpointing`` is public and switchable (as
-    ``SherlEncoder.checkpointing``).
+    Stored as ``<stack>.sherl``; ``checkpointing`` is public and switchable: during training,
+    recompute the side module (each projection on its own) and each late layer in backward
+    (non-reentrant ``torch.utils.checkpoint``).
     """
 
     def __init__(self, stack: nn.Module, layers: nn.ModuleList, num_late: int, side: SideModule,
@@ -122,30 +133,41 @@ class SherlSplit:
         return args, {**kwargs, "use_cache": False}
 
 
-def embedding_modules(stack: nn.Module) -> list[nn.Module]:
-    """The modules of ``stack`` that compute h_0 (the others are the layers and the final norm)."""
-    return [m for name in EMBEDDINGS if isinstance(m := getattr(stack, name, None), nn.Module)]
+def _at(root: nn.Module, path: str):
+    """The attribute at dotted ``path`` under ``root`` (``root`` for ""), or None."""
+    for name in filter(None, path.split(".")):
+        root = getattr(root, name, None)
+    return root
 
 
-def attach(model: nn.Module, stack: nn.Module, layers: nn.ModuleList, early: list[nn.Module], late_layers: int,
-           side_width: int | None, projection: str, dropout: float, temperature: float, checkpointing: bool,
-           what: str = "layers") -> tuple[SideModule, list[nn.Module]]:
-    """Split ``stack`` (whose forward loops over ``layers``) into SHERL's routes: ``early``
-    modules (embeddings, ...) and ``layers[:N-k]`` without grad, the side module as
-    ``stack.side``, ``layers[N-k:]`` with autograd. Returns (side module, late layers)."""
-    config = model.config
+def install(model: nn.Module, arch: Architecture, late_layers: int, side_width: int | None, projection: str,
+            dropout: float, temperature: float, checkpointing: bool) -> tuple[nn.Module, SideModule, list[nn.Module]]:
+    """Split ``model``'s layer stack as ``arch`` says: the early modules and ``layers[:N-k]``
+    without grad, the side module as ``<stack>.side``, ``layers[N-k:]`` with autograd.
+    Returns (HF base model, side module, late layers)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer  # (heavy: on first use)
+
+    config, name = model.config, type(model).__name__
+    backbone = model.base_model  # the model itself when bare
+    stack = _at(backbone, arch.stack)
     if isinstance(getattr(stack, "sherl", None), SherlSplit):
-        raise ConfigError(f"method=sherl: {type(model).__name__} already has SHERL applied; "
+        raise ConfigError(f"method=sherl: {name} already has SHERL applied; "
                           "apply a method once, to a fresh pre-trained model")
+    if arch.check is not None:
+        arch.check(model)
+    layers = getattr(stack, arch.layers, None)
+    if not isinstance(stack, nn.Module) or not isinstance(layers, nn.ModuleList):
+        raise ConfigError(f"method=sherl: {name} has no layer stack where SHERL expects it (the transformers v5 "
+                          f"{config.model_type} layout); choose a supported backbone")
     n = len(layers)
     if late_layers >= n:
-        raise ConfigError(f"method.late_layers={late_layers}: {type(model).__name__} has {n} {what} and SHERL "
+        raise ConfigError(f"method.late_layers={late_layers}: {name} has {n} {arch.what} and SHERL "
                           f"needs at least one early layer; choose 1..{n - 1}")
     if not all(isinstance(layer, GradientCheckpointingLayer) for layer in layers):
-        raise ConfigError(f"method=sherl: {type(model).__name__}'s layers are not transformers "
-                          "GradientCheckpointingLayers; SHERL supports bart, opt, llama decoders as in transformers v5")
+        raise ConfigError(f"method=sherl: {name}'s layers are not transformers GradientCheckpointingLayers; "
+                          f"SHERL supports {config.model_type} as in transformers v5")
     if getattr(stack, "layerdrop", 0.0) > 0:
-        raise ConfigError(f"method=sherl: {type(model).__name__} has layerdrop={stack.layerdrop}, which skips "
+        raise ConfigError(f"method=sherl: {name} has layerdrop={stack.layerdrop}, which skips "
                           "layers at random and would move SHERL's early/late split; set the config's layerdrop to 0")
     dim = config.hidden_size
     side_dim = dim // 2 if side_width is None else side_width
@@ -158,22 +180,8 @@ def attach(model: nn.Module, stack: nn.Module, layers: nn.ModuleList, early: lis
         dtype=ref.dtype, device=ref.device,
     )
     stack.side = side
-    for m in early:
+    early = {id(m): m for path in arch.early if isinstance(m := _at(backbone, path), nn.Module)}
+    for m in early.values():  # (one module reached by two paths gets its hooks once)
         run_without_grad(m)
     stack.sherl = SherlSplit(stack, layers, late_layers, side, checkpointing)
-    return side, list(layers[n - late_layers:])
-
-
-def install(model: nn.Module, late_layers: int, side_width: int | None, projection: str, dropout: float,
-            temperature: float, checkpointing: bool) -> tuple[nn.Module, SideModule, list[nn.Module]]:
-    """SHERL in an OPT or LLaMA model (bare, causal LM or sequence classification);
-    returns (backbone, side module, late layers)."""
-    backbone = model.base_model  # OPTModel / LlamaModel (the model itself when bare)
-    stack = getattr(backbone, "decoder", backbone)  # OPTDecoder; LlamaModel holds its layers itself
-    layers = getattr(stack, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ConfigError(f"method=sherl: {type(model).__name__} has no decoder layer stack where SHERL expects "
-                          "it (transformers v5 OPT/LLaMA layout); choose a supported backbone")
-    side, late = attach(model, stack, layers, embedding_modules(stack), late_layers, side_width, projection,
-                        dropout, temperature, checkpointing)
-    return backbone, side, late
+    return backbone, side, list(layers[n - late_layers:])
