@@ -102,18 +102,20 @@ def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600, script
 
 def tiny_hf_model(arch: str = "bert", layers: int = 4, hidden: int = 32, num_labels: int = 3, dropout: float = 0.0,
                   dtype=None, seed: int = 0, bare: bool = False, **config_kwargs):
-    """A small randomly initialised BERT/RoBERTa from transformers' config classes (no download)."""
+    """A small randomly initialised BERT/RoBERTa: the tiny-bert / tiny-roberta geometry at width
+    ``hidden`` (FFN ``2 * hidden``), 100 tokens, 64 positions (no download)."""
     import torch
-    from transformers import (BertConfig, BertForSequenceClassification, BertModel, RobertaConfig,
-                              RobertaForSequenceClassification, RobertaModel)
+    from transformers import BertForSequenceClassification, BertModel, RobertaForSequenceClassification, RobertaModel
 
-    cfg_cls, model_cls = {
-        "bert": (BertConfig, BertModel if bare else BertForSequenceClassification),
-        "roberta": (RobertaConfig, RobertaModel if bare else RobertaForSequenceClassification),
+    from memtl.geometries import build_config
+
+    model_cls = {
+        "bert": BertModel if bare else BertForSequenceClassification,
+        "roberta": RobertaModel if bare else RobertaForSequenceClassification,
     }[arch]
-    config = cfg_cls(vocab_size=100, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                     intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=num_labels,
-                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, **config_kwargs)
+    config = build_config(f"tiny-{arch}", layers, vocab_size=100, hidden_size=hidden, intermediate_size=2 * hidden,
+                          max_position_embeddings=64, num_labels=num_labels, hidden_dropout_prob=dropout,
+                          attention_probs_dropout_prob=dropout, **config_kwargs)
     torch.manual_seed(seed)
     model = model_cls(config)
     return model.to(dtype) if dtype is not None else model

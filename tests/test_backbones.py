@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from memtl.backbones import load_model, load_tokenizer, max_positions, model_type, qa_head
 from memtl.errors import ConfigError
+from memtl.geometries import GEOMETRIES, geometry
 from memtl.run import run
 
 TINY = ["tiny_bart", "tiny_opt", "tiny_llama"]
@@ -34,6 +35,31 @@ def test_backbone_entries_name_their_architecture():
     assert entry("opt_1_3b").path == "facebook/opt-1.3b" and entry("bart_large").path == "facebook/bart-large"
     assert [qa_head(a) for a in ("bert", "roberta", "bart", "opt", "llama")] == \
            ["multiple_choice", "multiple_choice", "seq2seq_lm", "causal_lm", "causal_lm"]
+
+
+def test_random_entries_take_their_shape_from_the_geometries(monkeypatch):
+    """A random entry's shape is its ``memtl.geometries`` entry; the borrowed tokenizer's ids go
+    on top of it, and the entry's ``config:`` on top of both."""
+    tok = load_tokenizer(entry("tiny_bert"))
+    for name in ["tiny_bert", "tiny_roberta", *TINY]:
+        e = entry(name)
+        arch, shape = geometry(e.geometry)
+        assert arch == e.model_type == model_type(OmegaConf.merge(e, {"model_type": None}))
+        config = load_model(e, 2, tok).config
+        assert {k: getattr(config, k) for k in shape} == {**shape, **{k: v for k, v in (e.get("config") or {}).items()
+                                                                     if k in shape}}
+        assert config.vocab_size == len(tok) and config.pad_token_id == tok.pad_token_id
+    monkeypatch.setitem(GEOMETRIES, "ids", ("bert", dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                         intermediate_size=64, vocab_size=50, pad_token_id=7)))
+    e = {"name": "x", "source": "random", "geometry": "ids"}
+    config = load_model(e, 2, tok).config
+    assert (config.vocab_size, config.pad_token_id, config.num_hidden_layers) == (len(tok), tok.pad_token_id, 1)
+    config = load_model({**e, "config": {"pad_token_id": 5, "num_hidden_layers": 3}}, 2, tok).config
+    assert (config.vocab_size, config.pad_token_id, config.num_hidden_layers) == (len(tok), 5, 3)
+    with pytest.raises(ConfigError, match="backbone.geometry=nope: unknown; choose one of tiny-bert, "):
+        load_model({**e, "geometry": "nope"}, 2, tok)
+    with pytest.raises(ConfigError, match="backbone.geometry=ids has model type bert, but backbone.model_type=opt"):
+        load_model({**e, "model_type": "opt"}, 2, tok)
 
 
 @pytest.mark.parametrize("name", TINY)

@@ -160,6 +160,12 @@ CASES = [
      "data.pair_encoding=siamese needs an encoder backbone (bert, roberta); tiny_opt is opt", 2),
     ("train", ["data.pair_encoding=siamese", "task=qa/arc_easy"], None,
      "data.pair_encoding=siamese is a GLUE option; arc_easy is a QA task", 2),
+    ("train", ["backbone.geometry=nope"], None,
+     "backbone.geometry=nope: unknown; choose one of tiny-bert, tiny-roberta, tiny-bart, tiny-opt, tiny-llama, "
+     "minilm-random, bert-base", 2),
+    ("train", ["backbone.geometry=tiny-opt"], None,
+     "backbone.geometry=tiny-opt has model type opt, but backbone.model_type=bert: choose a geometry of model type "
+     "bert, or set backbone.model_type=opt", 2),
     ("train", ["hydra.run.dir={d}/file.txt/sub"], None,
      "hydra.run.dir={d}/file.txt/sub: cannot create the run folder ({d}/file.txt is not a folder)", 2),
     ("train", ["-m", "hydra.sweep.dir={d}/file.txt/sub", "method=full,lora"], None,

@@ -536,15 +536,17 @@ def test_lightning_fit_logs_each_eval_split(tsv_root, tokenizer, tmp_path):
     """The module plugs into Trainer.fit: one val loader per eval split (dataloader_idx),
     GlueMetrics named with task.eval_prefixes, group_by_length sampler accepted."""
     import lightning as L
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
+
+    from memtl.geometries import build_config
 
     from memtl.metrics import GlueMetrics
 
     class Tiny(L.LightningModule):
         def __init__(self, task):
             super().__init__()
-            cfg = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1,
-                             num_attention_heads=2, intermediate_size=32, num_labels=task.num_labels)
+            cfg = build_config("tiny-bert", 1, vocab_size=tokenizer.vocab_size, hidden_size=16,
+                               num_attention_heads=2, intermediate_size=32, num_labels=task.num_labels)
             self.model = BertForSequenceClassification(cfg)
             self.metrics = torch.nn.ModuleList(GlueMetrics(task, p) for p in task.eval_prefixes)
 

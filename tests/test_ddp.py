@@ -14,9 +14,10 @@ import pytest
 import torch
 from conftest import REPO, compose, run_cli
 
+from memtl.methods import available_methods
 from memtl.run import run
 
-METHODS = ["full", "lora", "meft1", "meft2", "meft3", "sherl"]
+METHODS = [m for m in available_methods() if m != "head"]  # every method but the linear probe
 COMMON = ["backbone=tiny_bert", "task=glue/mrpc", "trainer.max_steps=1", "trainer.precision=64-true",
           "+backbone.config.hidden_dropout_prob=0.0", "+backbone.config.attention_probs_dropout_prob=0.0",
           "data.max_eval_samples=8", "logger=none", "trainer.enable_progress_bar=false", "optim.lr=1e-2"]

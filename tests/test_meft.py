@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import (
-    BertConfig,
     BertForSequenceClassification,
     BertModel,
     GPT2Config,
@@ -22,6 +21,7 @@ from transformers import (
 from conftest import LogRecorder, max_rel_err, tiny_hf_model, trainable_grads
 
 from memtl.errors import ConfigError
+from memtl.geometries import build_config
 from memtl.methods import apply_method, available_methods, count_parameters
 from memtl.methods.meft.adapters import Adapter
 from memtl.methods.meft.bert import MeftEncoder
@@ -130,8 +130,8 @@ def _adapter_size(d=HIDDEN, r=BOTTLENECK):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_only_adapters_and_head_train(variant):
-    base = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                                                    num_attention_heads=4, intermediate_size=64, num_labels=LABELS))
+    base = BertForSequenceClassification(build_config("tiny-bert", LAYERS, vocab_size=100, hidden_size=HIDDEN,
+                                                      num_labels=LABELS))
     pretrained_keys = set(base.state_dict())
     total_before = count_parameters(base)["total"]
     model = apply_method(base, variant)
@@ -151,8 +151,7 @@ def test_roberta_head_and_bare_model():
     model = tiny_model("roberta", "meft1")
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {"classifier.dense.weight", "classifier.out_proj.weight"} <= names
-    bare = apply_method(BertModel(BertConfig(vocab_size=100, hidden_size=HIDDEN, num_hidden_layers=2,
-                                             num_attention_heads=4, intermediate_size=64)), "meft3")
+    bare = apply_method(BertModel(build_config("tiny-bert", vocab_size=100, hidden_size=HIDDEN)), "meft3")
     out = bare(input_ids=torch.randint(3, 100, (2, 5)))
     assert out.last_hidden_state.shape == (2, 5, HIDDEN) and out.pooler_output.shape == (2, HIDDEN)
     assert all(p.requires_grad for p in bare.pooler.parameters())

@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import (
-    BartConfig,
     BartForCausalLM,
     BartForConditionalGeneration,
     BartForSequenceClassification,
@@ -24,6 +23,7 @@ from transformers import (
 from conftest import max_rel_err, trainable_grads
 
 from memtl.errors import ConfigError
+from memtl.geometries import build_config
 from memtl.methods import apply_method, count_parameters
 from memtl.methods.meft.adapters import Adapter
 from memtl.methods.meft.bart import BartMeftLayer, MeftBartDecoder, MeftBartEncoder
@@ -38,11 +38,10 @@ PAD, EOS = 1, 2
 
 
 def bart_config(dropout=0.0, attn="sdpa", layers=LAYERS):
-    config = BartConfig(vocab_size=100, d_model=HIDDEN, encoder_layers=layers, decoder_layers=layers,
-                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=2 * HIDDEN,
-                        decoder_ffn_dim=2 * HIDDEN, max_position_embeddings=64, num_labels=LABELS,
-                        dropout=dropout, attention_dropout=dropout, activation_dropout=dropout,
-                        pad_token_id=PAD, bos_token_id=0, eos_token_id=EOS, decoder_start_token_id=EOS)
+    config = build_config("tiny-bart", layers, vocab_size=100, d_model=HIDDEN, encoder_ffn_dim=2 * HIDDEN,
+                          decoder_ffn_dim=2 * HIDDEN, max_position_embeddings=64, num_labels=LABELS,
+                          dropout=dropout, attention_dropout=dropout, activation_dropout=dropout,
+                          pad_token_id=PAD, bos_token_id=0, eos_token_id=EOS, decoder_start_token_id=EOS)
     config._attn_implementation = attn
     return config
 

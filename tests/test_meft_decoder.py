@@ -14,11 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import (
-    LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
     LlamaModel,
-    OPTConfig,
     OPTForCausalLM,
     OPTForSequenceClassification,
     OPTModel,
@@ -27,6 +25,7 @@ from transformers import (
 from conftest import max_rel_err, trainable_grads
 
 from memtl.errors import ConfigError
+from memtl.geometries import build_config
 from memtl.methods import apply_method, count_parameters
 from memtl.methods.meft.adapters import Adapter
 from memtl.methods.meft.decoder import MeftDecoderStack
@@ -47,14 +46,15 @@ CLASSES = {
 
 def tiny_decoder(arch="opt", head="seq", dropout=0.0, dtype=torch.float64, seed=0, layers=LAYERS):
     """A random decoder; ``head``: seq (sequence classification), lm (causal LM) or bare."""
-    common = dict(vocab_size=100, hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=4,
-                  max_position_embeddings=64, pad_token_id=PAD[arch], num_labels=LABELS)
-    if arch == "llama":
-        config = LlamaConfig(intermediate_size=2 * HIDDEN, num_key_value_heads=2, attention_dropout=dropout, **common)
+    common = dict(vocab_size=100, hidden_size=HIDDEN, max_position_embeddings=64, pad_token_id=PAD[arch],
+                  num_labels=LABELS)
+    if arch == "llama":  # untied embeddings (the tiny-llama geometry ties them, as SmolLM2)
+        config = build_config("tiny-llama", layers, intermediate_size=2 * HIDDEN, attention_dropout=dropout,
+                              tie_word_embeddings=False, **common)
     else:
-        config = OPTConfig(ffn_dim=2 * HIDDEN, dropout=dropout, attention_dropout=dropout,
-                           do_layer_norm_before=arch == "opt", word_embed_proj_dim=16 if arch == "opt350" else HIDDEN,
-                           **common)
+        config = build_config("tiny-opt", layers, ffn_dim=2 * HIDDEN, dropout=dropout, attention_dropout=dropout,
+                              do_layer_norm_before=arch == "opt",
+                              word_embed_proj_dim=16 if arch == "opt350" else HIDDEN, **common)
     bare, seq, lm = CLASSES["llama" if arch == "llama" else "opt"]
     torch.manual_seed(seed)
     return {"bare": bare, "seq": seq, "lm": lm}[head](config).to(dtype)

@@ -132,10 +132,12 @@ def test_bf16_monitor_logs_every_stack(arch):
 
 
 def test_monitor_on_a_model_without_meft_says_so():
-    from transformers import OPTConfig, OPTForSequenceClassification
+    from transformers import OPTForSequenceClassification
 
-    model = OPTForSequenceClassification(OPTConfig(vocab_size=120, hidden_size=16, num_hidden_layers=1,
-                                                   num_attention_heads=2, ffn_dim=32, word_embed_proj_dim=16))
+    from memtl.geometries import build_config
+
+    model = OPTForSequenceClassification(build_config("tiny-opt", 1, vocab_size=120, hidden_size=16,
+                                                      num_attention_heads=2, ffn_dim=32, word_embed_proj_dim=16))
     with pytest.raises(ValueError, match="contains no MEFT stack: apply meft1/meft2/meft3 first"):
         reconstruction_report(model, batch_for("opt"))
 
@@ -143,14 +145,14 @@ def test_monitor_on_a_model_without_meft_says_so():
 def test_qa_batches_are_measured_through_the_multiple_choice_scorer():
     """A QA run trains ``MultipleChoiceModel``: the measurement must feed it the batch as training
     does (left-padded positions, LM head on the choice positions only), not the bare HF model."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
+    from memtl.geometries import build_config
     from memtl.methods import apply_method
     from memtl.scoring import MultipleChoiceModel
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64, pad_token_id=0)
+    config = build_config("tiny-llama", vocab_size=120, pad_token_id=0, tie_word_embeddings=False)
     lm = apply_method(LlamaForCausalLM(config).to(torch.float64), "meft1")
     ids = torch.randint(3, 120, (4, 8), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(4, 8, dtype=torch.long)

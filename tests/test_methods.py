@@ -113,10 +113,12 @@ def test_head_only_trains_the_task_head_and_nothing_else(kind):
 
 
 def test_head_only_needs_a_task_head():
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
+
+    from memtl.geometries import build_config
     with pytest.raises(ConfigError, match="method=head: BertModel has no separate task head"):
-        apply_method(BertModel(BertConfig(hidden_size=H, num_hidden_layers=1, num_attention_heads=4,
-                                          intermediate_size=FF, vocab_size=100)), "head")
+        apply_method(BertModel(build_config("tiny-bert", 1, hidden_size=H, intermediate_size=FF, vocab_size=100)),
+                     "head")
 
 
 def test_list_options_accept_omegaconf_lists():

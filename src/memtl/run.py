@@ -102,6 +102,10 @@ def validate(cfg: DictConfig) -> None:
     _check(precision in PRECISIONS, f"trainer.precision={precision}: choose one of {', '.join(sorted(PRECISIONS))}")
     _check(cfg.backbone.get("source") in ("package", "hub", "random"),
            f"backbone.source={cfg.backbone.get('source')}: choose package, hub or random")
+    if cfg.backbone.get("source") == "random":
+        from memtl.backbones import random_shape
+
+        random_shape(cfg.backbone)  # a known geometry, of the entry's model type
     _check(cfg.guard.nonfinite in GUARD_MODES, f"guard.nonfinite={cfg.guard.nonfinite}: choose stop or skip")
     _check(cfg.get("resume", "auto") in ("auto", "never"), f"resume={cfg.get('resume')}: choose auto or never")
     last = (cfg.get("callbacks") or {}).get("last_checkpoint")

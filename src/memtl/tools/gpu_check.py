@@ -74,9 +74,7 @@ PLANS = {
         ]},
         # a random model of MiniLM's geometry (its weights do not travel), MiniLM's tokenizer
         "train": {"pin": "trainer=gpu", "overrides": [
-            "backbone.name=minilm_geometry_random", "backbone.config.hidden_size=384",
-            "backbone.config.num_hidden_layers=6", "backbone.config.num_attention_heads=12",
-            "backbone.config.intermediate_size=1536", "trainer.max_epochs=1"]},
+            "backbone.name=minilm_geometry_random", "backbone.geometry=minilm-random", "trainer.max_epochs=1"]},
     },
     "cpu": {
         "timeouts": {"gradcheck": 150, "bench": 120, "estimate": 60, "train": 240},

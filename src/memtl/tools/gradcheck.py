@@ -67,35 +67,34 @@ def max_rel_err(a: dict, b: dict) -> float:
 
 def tiny_model(arch: str, variant: str, dropout: float, layers: int | None = None, hidden: int = 32,
                dtype: torch.dtype = torch.float64, **opts):
-    """A small random model of ``arch`` with MEFT ``variant`` applied, in train mode.
+    """A small random model of ``arch`` with MEFT ``variant`` applied, in train mode: the
+    ``tiny-*`` geometry of ``memtl.geometries`` at width ``hidden`` (FFN ``2 * hidden``), with
+    ``dropout`` everywhere, 120 tokens, 64 positions and 3 labels.
     ``layers``: depth of every stack (None: 4 for BERT/RoBERTa, 2 + 2 for BART, 3 otherwise)."""
     import transformers
 
-    common = dict(vocab_size=120, max_position_embeddings=64, num_labels=3)
+    from memtl.geometries import build_config
+
+    common = dict(vocab_size=120, max_position_embeddings=64, num_labels=3, pad_token_id=PAD[arch])
     ffn = 2 * hidden
     if arch in ("bert", "roberta"):
         cls = "BertForSequenceClassification" if arch == "bert" else "RobertaForSequenceClassification"
-        cfg = getattr(transformers, "BertConfig" if arch == "bert" else "RobertaConfig")(
-            hidden_size=hidden, num_hidden_layers=layers or 4, num_attention_heads=4, intermediate_size=ffn,
-            hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, pad_token_id=PAD[arch], **common)
+        cfg = build_config(f"tiny-{arch}", layers or 4, hidden_size=hidden, intermediate_size=ffn,
+                           hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, **common)
     elif arch == "bart":
         cls = "BartForSequenceClassification"
-        cfg = transformers.BartConfig(d_model=hidden, encoder_layers=layers or 2, decoder_layers=layers or 2,
-                                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=ffn,
-                                      decoder_ffn_dim=ffn, dropout=dropout, attention_dropout=dropout,
-                                      activation_dropout=dropout, pad_token_id=PAD[arch], bos_token_id=0,
-                                      eos_token_id=EOS, decoder_start_token_id=EOS, **common)
-    elif arch in ("opt", "opt-350m"):
+        cfg = build_config("tiny-bart", layers or 2, d_model=hidden, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn,
+                           dropout=dropout, attention_dropout=dropout, activation_dropout=dropout, bos_token_id=0,
+                           eos_token_id=EOS, decoder_start_token_id=EOS, **common)
+    elif arch in ("opt", "opt-350m"):  # opt-350m: post-LayerNorm, embeddings projected in and out
         cls = "OPTForSequenceClassification"
-        cfg = transformers.OPTConfig(hidden_size=hidden, num_hidden_layers=layers or 3, num_attention_heads=4,
-                                     ffn_dim=ffn, dropout=dropout, attention_dropout=dropout, pad_token_id=PAD[arch],
-                                     do_layer_norm_before=arch == "opt",
-                                     word_embed_proj_dim=hidden // 2 if arch == "opt-350m" else hidden, **common)
+        cfg = build_config("tiny-opt", layers or 3, hidden_size=hidden, ffn_dim=ffn, dropout=dropout,
+                           attention_dropout=dropout, do_layer_norm_before=arch == "opt",
+                           word_embed_proj_dim=hidden // 2 if arch == "opt-350m" else hidden, **common)
     else:  # llama: no hidden dropout; attention dropout (and the adapters') carry the masks
         cls = "LlamaForSequenceClassification"
-        cfg = transformers.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers or 3, num_attention_heads=4,
-                                       num_key_value_heads=2, intermediate_size=ffn, attention_dropout=dropout,
-                                       pad_token_id=PAD[arch], **common)
+        cfg = build_config("tiny-llama", layers or 3, hidden_size=hidden, intermediate_size=ffn,
+                           attention_dropout=dropout, tie_word_embeddings=False, **common)
     torch.manual_seed(0)
     model = getattr(transformers, cls)(cfg).to(dtype)
     return apply_method(model, variant, **opts).train()
