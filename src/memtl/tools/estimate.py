@@ -177,6 +177,11 @@ def live_bytes_mode(fake, small_bytes: int, rounding: int = 1):
             self._storages = WeakIdKeyDictionary()
             self._pending = None  # (the first gradient's storage, its bytes, live bytes after the sum)
 
+        def hold(self, tensors) -> None:
+            """Storages made before it started (the model's): views of them are not new."""
+            for t in tensors:
+                self._track(t)
+
         def reset(self) -> None:
             """The measured step starts: its baseline is what lives now."""
             self.settle()
@@ -244,7 +249,7 @@ def live_bytes_mode(fake, small_bytes: int, rounding: int = 1):
                     self._track(t)
             if summed:
                 st = args[0].untyped_storage()
-                self._pending = (weakref.ref(st), self._storages[st][0], self.live)
+                self._pending = (weakref.ref(st), self._storages.get(st, [0])[0], self.live)
             else:
                 self.peak = max(self.peak, self.live)
             return out
@@ -304,6 +309,7 @@ def measure_step(config, label: str, batch_size: int, seq_len: int, precision: s
     counts = count_parameters(model)
     params = {id(p): p for p in model.parameters()}.values()
     live = live_bytes_mode(fake, small_bytes=8 * batch_size * seq_len, rounding=512 if dev.type == "cuda" else 1)
+    live.hold([*model.parameters(), *model.buffers()])
     with live:
         run = MethodUnderTest(label, None, None, batch_size, seq_len, dev, precision, seed=0, model=model)
         live.reset()
