@@ -73,7 +73,8 @@ def test_cpu_mode_runs_every_part_and_reports_every_figure(cpu_run, bundle):
     assert {r["seq_len"] for r in bench if r["label"] == "length sweep"} == {32, 64, 128}
     assert {r["geometry"] for r in bench} == {"tiny-bert", "tiny-opt"}
     estimates = parts["estimate"]["data"]["rows"]
-    assert estimates and {r["geometry"] for r in estimates} == {"tiny-bert"}  # OPT is not the estimator's
+    assert {r["geometry"] for r in estimates} == {"tiny-bert", "tiny-opt"}  # the plan's estimate labels
+    assert {r["method"] for r in estimates} == {r["method"] for r in bench} and len(estimates) == 16
     runs = parts["train"]["data"]["runs"]
     assert [r["method"] for r in runs] == [m for m, _ in TRAIN_RUNS]
     for r in runs:

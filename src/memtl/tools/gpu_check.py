@@ -14,7 +14,8 @@ others still run.
   bench      memtl bench on the device (allocator peak, median of the timed steps after a warm-up),
              every method beside the peers: BERT-base and OPT-350m geometries at 8 x 512, a
              sequence-length sweep (128 / 512 / 2048, BERT-base with 2048 positions), BERT-base in bf16
-  estimate   memtl estimate's predictions, with the device's kernel rules, against the bench's peaks
+  estimate   memtl estimate's predictions (the model's own code for the device, on fake tensors)
+             against the bench's peaks of the BERT and OPT points
   train      short runs on GLUE RTE under bf16-mixed: full fine-tuning on the trainer's default
              (accelerator=auto), MEFT2 and SHERL on trainer=gpu (cpu mode: trainer=cpu), results.json each
 
@@ -44,6 +45,7 @@ from pathlib import Path
 
 from memtl.cli import ArgumentParser
 from memtl.results import jsonable
+from memtl.tools.estimate import TOLERANCE as ESTIMATE_TOLERANCE  # memtl estimate --validate's default
 
 PARTS = ("gradcheck", "bench", "estimate", "train")
 REPO = Path(__file__).resolve().parents[3]
@@ -57,13 +59,12 @@ BUNDLE_NEEDS = ("MANIFEST.json", "site/hydra/__init__.py", "site/omegaconf/__ini
 PEERS = ("full", "lora", "full+ckpt", "lora+ckpt")
 METHODS = ("meft1", "meft2", "meft3", "sherl")
 EFFICIENT = METHODS  # each must use less memory than full fine-tuning
-ESTIMATE_TOLERANCE = 0.15  # memtl estimate --validate's default
 
 # what each part does on each device. GPU: sized for one H100 within 8 minutes in all; each
 # timeout caps its part, so the sum (with start-up) stays under that whatever happens
 PLANS = {
     "cuda": {
-        "timeouts": {"gradcheck": 80, "bench": 170, "estimate": 25, "train": 140},
+        "timeouts": {"gradcheck": 80, "bench": 170, "estimate": 60, "train": 140},
         "gradcheck": {"depth": 24, "hidden": 64},
         "bench": {"steps": 10, "points": [
             # label, geometry, batch, sequence lengths, precision
@@ -72,12 +73,13 @@ PLANS = {
             ("length sweep", "bert-base-2k", 4, (128, 512, 2048), "32"),
             ("BERT-base bf16", "bert-base", 8, (512,), "bf16-mixed"),
         ]},
+        "estimate": {"labels": ("BERT-base", "OPT-350m")},  # the bench points predicted (a few s each)
         # a random model of MiniLM's geometry (its weights do not travel), MiniLM's tokenizer
         "train": {"pin": "trainer=gpu", "overrides": [
             "backbone.name=minilm_geometry_random", "backbone.geometry=minilm-random", "trainer.max_epochs=1"]},
     },
     "cpu": {
-        "timeouts": {"gradcheck": 150, "bench": 120, "estimate": 60, "train": 240},
+        "timeouts": {"gradcheck": 150, "bench": 120, "estimate": 120, "train": 240},
         "gradcheck": {"depth": 4, "hidden": 32},
         "bench": {"steps": 3, "points": [
             ("tiny BERT", "tiny-bert", 8, (64,), "32"),
@@ -85,6 +87,7 @@ PLANS = {
             ("length sweep", "tiny-bert", 4, (32, 64, 128), "32"),
             ("tiny BERT bf16", "tiny-bert", 8, (64,), "bf16-mixed"),
         ]},
+        "estimate": {"labels": ("tiny BERT", "tiny OPT")},
         "train": {"pin": "trainer=cpu", "overrides": [
             "data.max_train_samples=32", "data.max_eval_samples=32", "data.batch_size=8", "trainer.max_steps=4"]},
     },
@@ -243,7 +246,8 @@ def part_estimate(p: Part) -> None:
     rows = json.loads(bench.read_text()).get("rows") if bench.is_file() else None
     if not rows:
         raise RuntimeError("no benchmark rows to compare with: the bench part measured nothing")
-    p.save(rows=compare(rows), tolerance=ESTIMATE_TOLERANCE)
+    labels = p.plan["estimate"]["labels"]
+    p.save(rows=compare([r for r in rows if r.get("label") in labels]), labels=labels, tolerance=ESTIMATE_TOLERANCE)
 
 
 def part_train(p: Part) -> None:
@@ -387,7 +391,7 @@ def judge_estimate(data: dict, device: str) -> list[dict]:
     rows = data.get("rows") or []
     tol = data.get("tolerance", ESTIMATE_TOLERANCE)
     checks = [_check("estimate", "predictions to compare", bool(rows),
-                     f"{len(rows)} benchmark rows the estimator models (BERT family)")]
+                     f"{len(rows)} benchmark rows predicted ({', '.join(data.get('labels') or [])})")]
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["geometry"], r["batch_size"], r["seq_len"], r["precision"]), []).append(r)
@@ -397,7 +401,7 @@ def judge_estimate(data: dict, device: str) -> list[dict]:
         label = f"{geometry} {batch}x{seq} {'fp32' if precision == '32' else precision}"
         checks.append(_check("estimate", label, ok,
                              f"worst {worst['method']} {100 * worst['error']:+.1f}% (|error| <= {100 * tol:g}%), "
-                             f"{len(rs)} methods, {rs[0]['device']} rules"))
+                             f"{len(rs)} methods, on {rs[0]['device']}"))
     return checks
 
 
@@ -600,7 +604,7 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {meth} | " + " | ".join(_f(by.get(t), "{:.0f}") for t in lens) + " |")
     rows = parts.get("estimate", {}).get("data", {}).get("rows") or []
     if rows:
-        lines += ["", f"## Estimator against the benchmark ({rows[0]['device']} rules)", "",
+        lines += ["", f"## Estimator against the benchmark ({rows[0]['device']})", "",
                   "| geometry | B x T | precision | method | measured MiB | predicted MiB | error |",
                   "|---|---|---|---|---:|---:|---:|"]
         lines += [f"| {r['geometry']} | {r['batch_size']} x {r['seq_len']} | {r['precision']} | {r['method']} | "
