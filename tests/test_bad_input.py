@@ -188,7 +188,7 @@ CASES = [
      "method.adapter_layernorm='maybe': a LayerNorm at the input of the stand-alone F/G adapter (meft1/meft2) "
      "must be true or false", 2),
     ("preflight", ["method=meft1", "method.adapter_activation=1"], None,
-     "method.adapter_activation=1: choose one of gelu, relu, silu, swish, tanh", 2),
+     "method.adapter_activation=1: choose one of gelu, identity, relu, silu, swish, tanh", 2),
     ("preflight", ["method=meft1", "method.adapter_dropout=abc"], None,
      "method.adapter_dropout='abc': dropout inside the adapters must be a number in [0, 1), or null for the "
      "model's hidden dropout", 2),

@@ -28,7 +28,7 @@ def test_memtl_options_lists_every_option_from_its_declaration(capsys):
     for line in ("method=lora", "  r=8 ", "the LoRA rank: an integer >= 1", "alpha=16 ", "dropout=0.1 ",
                  "a number in [0, 1)", "target_modules=null ", "a non-empty list of names, or null for the query/value",
                  "gradient_checkpointing=false ", "method=meft1", "adapter_activation=relu ",
-                 "one of gelu, relu, silu, swish, tanh", "lam=null ", "a finite non-zero number, or null for the "
+                 "one of gelu, identity, relu, silu, swish, tanh", "lam=null ", "a finite non-zero number, or null for the "
                  "variant's default", "inverse=exact ", "exact (fixed-point streams, bit-exact at any depth) or float"):
         assert line in out, line
     assert main(["options"]) == 0

@@ -168,6 +168,7 @@ def test_roberta_head_and_bare_model():
         ({"num_rev_layers": -1}, "method.num_rev_layers"),
         ({"adapter_dropout": 1.0}, "method.adapter_dropout"),
         ({"adapter_activation": "sigmoidish"}, "method.adapter_activation"),
+        ({"adapter_init": "xavier"}, "method.adapter_init"),
         ({"inverse": "fixed"}, "method.inverse"),
         ({"lam": 0.123456789}, "method.lam"),  # the exact inverse needs a rational p/q
         ({"beta": 2.0 ** -20}, "method.beta"),
@@ -199,6 +200,32 @@ def test_variant_defaults_and_overrides():
         assert (layer.lam, layer.beta, layer.switch) == (lam, beta, switch)
     layer = encoder(tiny_model("bert", "meft1", layers=1, lam=0.5, beta=2, adapter_layernorm=True)).layer[0]
     assert (layer.lam, layer.beta) == (0.5, 2.0) and layer.rev_adapter.layer_norm is not None
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_linear_adapters_starting_at_zero(arch, variant):
+    """adapter_activation=identity + adapter_init=zero: LoRA's form. Every adapter adds exactly 0
+    at init; the first backward reaches only the up-projections (as LoRA's B), and the
+    reversible gradients still equal plain autograd's."""
+    model = tiny_model(arch, variant, adapter_activation="identity", adapter_init="zero").train()
+    adapters = [m for m in model.modules() if isinstance(m, Adapter)]
+    x = torch.randn(3, HIDDEN, dtype=torch.float64)
+    for a in adapters:
+        assert isinstance(a.act, torch.nn.Identity) and torch.equal(a(x), torch.zeros_like(x))
+        assert a.down.weight.abs().min() > 0  # only the up-projection starts at 0
+    batch = make_batch(arch)
+    reference = trainable_grads(set_num_rev(model, 0), batch)
+    grads = trainable_grads(set_num_rev(model, LAYERS), batch)
+    assert max_rel_err(grads, reference) <= 1e-8
+    ups = [g for n, g in grads.items() if "adapter.up.weight" in n]
+    downs = [g for n, g in grads.items() if "adapter.down." in n]
+    assert len(ups) == len(downs) // 2 == len(adapters)
+    assert all(g.abs().max() > 0 for g in ups) and all(torch.equal(g, torch.zeros_like(g)) for g in downs)
+    # identity: the adapter is affine in its input
+    a = adapters[0]
+    torch.nn.init.normal_(a.up.weight)
+    assert torch.allclose(a(2 * x) - a(torch.zeros_like(x)), 2 * (a(x) - a(torch.zeros_like(x))))
 
 
 # --- training mechanics ------------------------------------------------------------------

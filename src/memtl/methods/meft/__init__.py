@@ -23,7 +23,9 @@ Options (shared by the three names; ``None`` picks the variant's default):
 
 - ``bottleneck``: adapter width r (paper: 8).
 - ``adapter_layernorm``: LayerNorm at the input of the stand-alone F/G adapter (MEFT1/2 only).
-- ``adapter_activation``: relu | gelu | silu | swish | tanh.
+- ``adapter_activation``: relu | gelu | silu | swish | tanh | identity (a linear adapter).
+- ``adapter_init``: normal (both layers N(0, 0.02²), the paper's) | zero (the up-projection
+  starts at 0, so every adapter adds exactly 0 at init, as LoRA's B).
 - ``adapter_dropout``: dropout inside the adapters; ``None`` = the model's hidden dropout
   (``hidden_dropout_prob``; BART/OPT ``dropout``; LLaMA has none: 0), as in the authors' code.
 - ``num_rev_layers``: how many bottom layers use the reversible backward; ``None`` = all,
@@ -50,7 +52,7 @@ import torch.nn as nn
 from memtl.errors import ConfigError
 from memtl.methods import architecture_module, register_method
 from memtl.methods.bert_family import unfreeze_head
-from memtl.methods.meft.adapters import ACTIVATIONS, VARIANTS, Adapter
+from memtl.methods.meft.adapters import ACTIVATIONS, INITS, VARIANTS, Adapter
 from memtl.methods.meft.engine import MAX_DENOMINATOR, as_fraction
 from memtl.methods.meft.install import MeftStack, install, stack_layers
 from memtl.methods.options import MethodOptions, option
@@ -80,6 +82,7 @@ class MeftOptions(MethodOptions):
     bottleneck: int = option(8, "the adapter width r", min=1)
     adapter_layernorm: bool = option(False, "a LayerNorm at the input of the stand-alone F/G adapter (meft1/meft2)")
     adapter_activation: str = option("relu", "the adapters' activation", choices=tuple(sorted(ACTIVATIONS)))
+    adapter_init: str = option("normal", "how the adapters start", choices=INITS)
     adapter_dropout: float | None = option(None, "dropout inside the adapters", min=0, lt=1,
                                            null="the model's hidden dropout")
     num_rev_layers: int | None = option(None, "how many bottom layers use the reversible backward "

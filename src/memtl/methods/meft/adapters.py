@@ -23,14 +23,22 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "silu": nn.SiLU,
     "swish": nn.SiLU,
     "tanh": nn.Tanh,
+    "identity": nn.Identity,  # a linear adapter: a rank-r update, like LoRA's
+}
+
+# how an adapter's two layers start (names as in Hydra configs)
+INITS = {
+    "normal": "both layers N(0, 0.02²), zero biases (the paper's)",
+    "zero": "the up-projection at 0, so the adapter adds exactly 0 at init (as LoRA's B)",
 }
 
 
 class Adapter(nn.Module):
-    """``[LayerNorm →] Linear(d→r) → act → dropout → Linear(r→d)``, starting near zero.
+    """``[LayerNorm →] Linear(d→r) → act → dropout → Linear(r→d)``, starting at or near zero.
 
-    Weights ~ N(0, 0.02²) and zero biases, so at init the adapter's output is small and
-    the MEFT model starts close to the pre-trained one.
+    ``init="normal"``: weights ~ N(0, 0.02²) and zero biases, so at init the adapter's output
+    is small. ``init="zero"``: the down-projection as before, the up-projection all zeros, so
+    the output is exactly 0 and the up-projection's gradient is not (LoRA's B = 0).
     """
 
     def __init__(
@@ -41,6 +49,7 @@ class Adapter(nn.Module):
         dropout: float = 0.0,
         layernorm: bool = False,
         layernorm_eps: float = 1e-12,
+        init: str = "normal",
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
     ):
@@ -49,6 +58,8 @@ class Adapter(nn.Module):
             raise ConfigError(
                 f"method.adapter_activation={activation!r}: choose one of {', '.join(sorted(ACTIVATIONS))}"
             )
+        if init not in INITS:
+            raise ConfigError(f"method.adapter_init={init!r}: choose one of {', '.join(sorted(INITS))}")
         kw = {"dtype": dtype, "device": device}
         self.layer_norm = nn.LayerNorm(dim, eps=layernorm_eps, **kw) if layernorm else None
         self.down = nn.Linear(dim, bottleneck, **kw)
@@ -58,6 +69,8 @@ class Adapter(nn.Module):
         for lin in (self.down, self.up):
             nn.init.normal_(lin.weight, mean=0.0, std=0.02)
             nn.init.zeros_(lin.bias)
+        if init == "zero":
+            nn.init.zeros_(self.up.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layer_norm is not None:

@@ -81,7 +81,7 @@ def install(model: nn.Module, arch: Architecture, variant: Variant, opts: MeftOp
     config = model.config
     owner, cls = stacks[0]
     ref = next(getattr(owner, cls.layers_attr)[0].parameters())  # new modules follow the model's dtype and device
-    kw = dict(dim=config.hidden_size, bottleneck=opts.bottleneck, activation=opts.adapter_activation,
+    kw = dict(dim=config.hidden_size, bottleneck=opts.bottleneck, activation=opts.adapter_activation, init=opts.adapter_init,
               dropout=arch.dropout(config) if opts.adapter_dropout is None else opts.adapter_dropout,
               layernorm_eps=arch.layernorm_eps(config), dtype=ref.dtype, device=ref.device)
     for (owner, cls), n in zip(stacks, depths):
