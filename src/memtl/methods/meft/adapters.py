@@ -28,8 +28,8 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 
 # how an adapter's two layers start (names as in Hydra configs)
 INITS = {
-    "normal": "both layers N(0, 0.02²), zero biases (the paper's)",
-    "zero": "the up-projection at 0, so the adapter adds exactly 0 at init (as LoRA's B)",
+    "normal": "both layers N(0, 0.02²), the paper's",
+    "zero": "the up-projection at 0, like LoRA's B: the adapters add exactly 0 at init",
 }
 
 
