@@ -169,6 +169,9 @@ def test_roberta_head_and_bare_model():
         ({"adapter_dropout": 1.0}, "method.adapter_dropout"),
         ({"adapter_activation": "sigmoidish"}, "method.adapter_activation"),
         ({"adapter_init": "xavier"}, "method.adapter_init"),
+        ({"streams": "three"}, "method.streams"),
+        ({"streams": "one"}, "method.streams"),  # meft2 has a stand-alone F/G adapter
+        ({"streams": "one", "num_rev_layers": 2}, "method.num_rev_layers"),
         ({"inverse": "fixed"}, "method.inverse"),
         ({"lam": 0.123456789}, "method.lam"),  # the exact inverse needs a rational p/q
         ({"beta": 2.0 ** -20}, "method.beta"),
@@ -226,6 +229,17 @@ def test_linear_adapters_starting_at_zero(arch, variant):
     a = adapters[0]
     torch.nn.init.normal_(a.up.weight)
     assert torch.allclose(a(2 * x) - a(torch.zeros_like(x)), 2 * (a(x) - a(torch.zeros_like(x))))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_stream_ablation_is_the_unmodified_model(arch):
+    """streams=one with zero-started adapters is the pre-trained encoder, logits equal bit for bit."""
+    ref = tiny_hf_model(arch, LAYERS, HIDDEN, LABELS, 0.0, torch.float64, 0).eval()
+    model = apply_method(copy.deepcopy(ref), "meft3", streams="one", adapter_init="zero").eval()
+    batch = make_batch(arch)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, ref(**batch).logits)
+    assert encoder(model).num_rev_layers == 0
 
 
 # --- training mechanics ------------------------------------------------------------------

@@ -193,6 +193,18 @@ def test_blocks_reproduce_hf_layers_with_zero_adapters(attn):
 # --- exact gradients ---------------------------------------------------------------------
 
 
+def test_one_stream_ablation_is_the_unmodified_model():
+    """streams=one with zero-started adapters: encoder and decoder are BART's own, bit for bit."""
+    torch.manual_seed(0)
+    ref = BartForSequenceClassification(bart_config()).to(torch.float64).eval()
+    model = apply_method(copy.deepcopy(ref), "meft3", streams="one", adapter_init="zero").eval()
+    batch = make_batch()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, ref(**batch).logits)
+    assert [s.num_rev_layers for s in stacks(model)] == [0, 0]
+
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_reversible_grads_equal_plain_autograd(variant):
     model = tiny_bart(variant).train()

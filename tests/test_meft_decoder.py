@@ -208,6 +208,20 @@ def test_plm_chain_is_the_unmodified_model_as_the_scales_vanish(variant, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_one_stream_ablation_is_the_unmodified_model_plus_adapters(arch):
+    """streams=one with zero-started adapters is the unmodified model, logits equal bit for bit;
+    it trains the same adapters (plain autograd: nothing is reversible)."""
+    ref = tiny_decoder(arch, "seq").eval()
+    batch = make_batch(arch)
+    model = apply_method(copy.deepcopy(ref), "meft3", streams="one", adapter_init="zero").eval()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, ref(**batch).logits)
+    assert stack(model).num_rev_layers == 0 and stack(model).streams == "one"
+    grads = trainable_grads(model.train(), batch)
+    assert all(g.abs().max() > 0 for n, g in grads.items() if "up.weight" in n or n.startswith("score"))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_starting_point_close_to_the_unmodified_model(arch):
     """At init (adapters ~ 0) the last hidden states stay close to the pre-trained model's:
     each layer's PLM output lands in the stream the next PLM block reads (docs/DESIGN.md §1.3).

@@ -40,6 +40,10 @@ Options (shared by the three names; ``None`` picks the variant's default):
   λ = p/q ≠ 1 and layer; λ and β must then be rationals p/q with |p|, q <= 65536.
   ``float``: the paper's division in the model's dtype, whose rounding error grows ~1/λ
   per layer going down (``memtl recon``).
+- ``streams``: ``two`` (default): MEFT. ``one`` (MEFT3 only): an ablation, not reversible: the
+  same adapters on the pre-trained model's own one-stream forward (each layer G(F(h)), no λ,
+  β or averaging), with plain autograd's memory; with ``adapter_init=zero`` it starts
+  exactly at the pre-trained model.
 - ``gradient_checkpointing``: must stay false (the reversible backward already recomputes).
 """
 from __future__ import annotations
@@ -93,6 +97,9 @@ class MeftOptions(MethodOptions):
                                 null="the variant's default")
     inverse: str = option("exact", "how the backward rebuilds each layer's inputs", choices={
         "exact": "fixed-point streams, bit-exact at any depth", "float": "the paper's division"})
+    streams: str = option("two", "the forward the adapters sit in", choices={
+        "two": "MEFT's reversible streams", "one": "MEFT3's adapters on the pre-trained model's own forward, "
+        "not reversible: an ablation"})
     gradient_checkpointing: bool = option(False, "gradient checkpointing (false only: MEFT's backward recomputes)")
 
     def for_model(self, config, method: str) -> "MeftOptions":
@@ -122,6 +129,13 @@ def apply_meft(model: nn.Module, opts: MeftOptions, variant: str) -> nn.Module:
     if opts.adapter_layernorm and not v.rev_adapter:
         raise ConfigError(f"method.adapter_layernorm=true: {variant} has no stand-alone F/G adapter to put a "
                           "LayerNorm in; set it to false (it applies to meft1/meft2)")
+    if opts.streams == "one":
+        if opts.num_rev_layers:
+            raise ConfigError(f"method.num_rev_layers={opts.num_rev_layers}: method.streams=one is not reversible; "
+                              "leave num_rev_layers null, or use method.streams=two")
+        if v.rev_adapter:
+            raise ConfigError(f"method.streams=one: {variant}'s stand-alone F/G adapter has no place in a one-stream "
+                              "forward; use method=meft3, or method.streams=two")
     lam, beta = opts.lam, opts.beta  # numbers: apply_method resolved None (for_model)
     if opts.inverse == "exact":
         for key, value in (("lam", lam), ("beta", beta)):

@@ -604,9 +604,13 @@ def reversible_stack(x1: Tensor, x2: Tensor, layers: Sequence[nn.Module], contex
 def run_stack(stack: nn.Module, h: Tensor, layers: Sequence[nn.Module], context: tuple, name: str) -> Tensor:
     """A MEFT stack's forward (docs/DESIGN.md §1.2): both streams start from ``h``, run through
     ``layers`` as set by ``stack.num_rev_layers`` and ``stack.inverse``, and their average
-    comes back. ``stack.recorded`` (a list, set by diagnostics.py for one forward) receives
+    comes back (``stack.streams == "one"``: the plain one-stream forward instead). ``stack.recorded`` (a list, set by diagnostics.py for one forward) receives
     what the layers ran on, so reconstruction can be measured without redoing the forward."""
     if stack.recorded is not None:
         stack.recorded.append((h, context))
+    if stack.streams == "one":  # the ablation: each layer G(F(h)) on the plain model's one stream
+        for layer in layers:
+            h = layer.whole_layer(h, *context)
+        return h
     x1, x2 = reversible_stack(h, h, layers, context, num_rev=stack.num_rev_layers, inverse=stack.inverse, name=name)
     return ((x1 + x2) / 2).to(h.dtype)

@@ -34,6 +34,7 @@ class MeftStack:
     # autograd through the same maths)
     num_rev_layers: int
     inverse: str
+    streams: str = "two"  # "one": the adapters on the plain forward (MeftOptions.streams)
     recorded: list | None = None  # see engine.run_stack
 
     def run_layers(self, h: torch.Tensor, *context) -> torch.Tensor:
@@ -91,6 +92,6 @@ def install(model: nn.Module, arch: Architecture, variant: Variant, opts: MeftOp
         setattr(owner, cls.layers_attr, nn.ModuleList(layers))
         owner.__class__ = cls  # same object, sub-modules and keys; only forward changes
         # the first k layers of each stack; a shallower stack (BART's encoder or decoder): all of it
-        owner.num_rev_layers = n if k is None else min(k, n)
-        owner.inverse = opts.inverse
+        owner.num_rev_layers = 0 if opts.streams == "one" else n if k is None else min(k, n)
+        owner.inverse, owner.streams = opts.inverse, opts.streams
     return backbone
