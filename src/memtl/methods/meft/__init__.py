@@ -40,6 +40,10 @@ Options (shared by the three names; ``None`` picks the variant's default):
   λ = p/q ≠ 1 and layer; λ and β must then be rationals p/q with |p|, q <= 65536.
   ``float``: the paper's division in the model's dtype, whose rounding error grows ~1/λ
   per layer going down (``memtl recon``).
+- ``output``: what the stack returns after its last layer. ``mean`` (default): the two
+  streams' average (the paper's). ``chain``: the one stream that holds the last pre-trained
+  layer's output (MEFT3: y2), so that as λ, β -> 0 with zero adapters the output is the
+  pre-trained model's; still reversible, at the same memory.
 - ``streams``: ``two`` (default): MEFT. ``one`` (MEFT3 only): an ablation, not reversible: the
   same adapters on the pre-trained model's own one-stream forward (each layer G(F(h)), no λ,
   β or averaging), with plain autograd's memory; with ``adapter_init=zero`` it starts
@@ -97,6 +101,9 @@ class MeftOptions(MethodOptions):
                                 null="the variant's default")
     inverse: str = option("exact", "how the backward rebuilds each layer's inputs", choices={
         "exact": "fixed-point streams, bit-exact at any depth", "float": "the paper's division"})
+    output: str = option("mean", "what the stack returns after its last layer", choices={
+        "mean": "the two streams' average, the paper's", "chain": "the stream holding the last pre-trained layer's "
+        "output"})
     streams: str = option("two", "the forward the adapters sit in", choices={
         "two": "MEFT's reversible streams", "one": "MEFT3's adapters on the pre-trained model's own forward, "
         "not reversible: an ablation"})

@@ -88,6 +88,10 @@ class Variant:
     switch: bool  # pass (y2, y1) on instead of (y1, y2)
     attn_adapter: bool  # an adapter on the attention output projection (MEFT3)
     rev_adapter: bool  # a stand-alone adapter that plays F or G (MEFT1/2)
+    # which of a layer's passed-on streams holds the pre-trained layer's output (0: x1, 1: x2):
+    # MEFT1's y1 = λx1 + layer(x2) and MEFT2's y2 = βx2 + layer(y1), each after the switch; MEFT3's
+    # y2 = βx2 + G(y1), the whole block. method.output=chain returns that stream of the last layer
+    chain: int
     # defaults for pre-norm decoders (OPT's pre-LN form, LLaMA), whose F/G hold the residual:
     # λ·x re-adds the residual stream at every layer, so the paper's 0.1 moves a deep model far
     # from its pre-trained function. Chosen on SmolLM2-135M's zero-shot ARC-Easy dev accuracy
@@ -100,11 +104,11 @@ class Variant:
 
 VARIANTS: dict[str, Variant] = {
     "meft1": Variant("meft1", f="whole_layer", g="adapter", lam=0.1, beta=1.0, switch=True,
-                     attn_adapter=False, rev_adapter=True, decoder_lam=0.01),
+                     attn_adapter=False, rev_adapter=True, chain=1, decoder_lam=0.01),
     "meft2": Variant("meft2", f="adapter", g="whole_layer", lam=1.0, beta=0.1, switch=True,
-                     attn_adapter=False, rev_adapter=True, decoder_beta=0.01),
+                     attn_adapter=False, rev_adapter=True, chain=0, decoder_beta=0.01),
     "meft3": Variant("meft3", f="attention_block", g="feed_forward_block", lam=0.1, beta=0.1, switch=False,
-                     attn_adapter=True, rev_adapter=False, decoder_lam=0.001, decoder_beta=0.001),
+                     attn_adapter=True, rev_adapter=False, chain=1, decoder_lam=0.001, decoder_beta=0.001),
 }
 
 

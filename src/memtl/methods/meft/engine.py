@@ -604,7 +604,7 @@ def reversible_stack(x1: Tensor, x2: Tensor, layers: Sequence[nn.Module], contex
 def run_stack(stack: nn.Module, h: Tensor, layers: Sequence[nn.Module], context: tuple, name: str) -> Tensor:
     """A MEFT stack's forward (docs/DESIGN.md §1.2): both streams start from ``h``, run through
     ``layers`` as set by ``stack.num_rev_layers`` and ``stack.inverse``, and their average
-    comes back (``stack.streams == "one"``: the plain one-stream forward instead). ``stack.recorded`` (a list, set by diagnostics.py for one forward) receives
+    (or the one ``stack.output_stream`` names) comes back (``stack.streams == "one"``: the plain one-stream forward instead). ``stack.recorded`` (a list, set by diagnostics.py for one forward) receives
     what the layers ran on, so reconstruction can be measured without redoing the forward."""
     if stack.recorded is not None:
         stack.recorded.append((h, context))
@@ -613,4 +613,6 @@ def run_stack(stack: nn.Module, h: Tensor, layers: Sequence[nn.Module], context:
             h = layer.whole_layer(h, *context)
         return h
     x1, x2 = reversible_stack(h, h, layers, context, num_rev=stack.num_rev_layers, inverse=stack.inverse, name=name)
+    if stack.output_stream is not None:  # method.output=chain
+        return (x1, x2)[stack.output_stream].to(h.dtype)
     return ((x1 + x2) / 2).to(h.dtype)

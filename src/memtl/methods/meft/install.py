@@ -35,6 +35,7 @@ class MeftStack:
     num_rev_layers: int
     inverse: str
     streams: str = "two"  # "one": the adapters on the plain forward (MeftOptions.streams)
+    output_stream: int | None = None  # None: the streams' average; 0/1: that stream (MeftOptions.output)
     recorded: list | None = None  # see engine.run_stack
 
     def run_layers(self, h: torch.Tensor, *context) -> torch.Tensor:
@@ -94,4 +95,5 @@ def install(model: nn.Module, arch: Architecture, variant: Variant, opts: MeftOp
         # the first k layers of each stack; a shallower stack (BART's encoder or decoder): all of it
         owner.num_rev_layers = 0 if opts.streams == "one" else n if k is None else min(k, n)
         owner.inverse, owner.streams = opts.inverse, opts.streams
+        owner.output_stream = variant.chain if opts.output == "chain" else None
     return backbone
