@@ -139,13 +139,16 @@ def assert_pretrained_kept(pretrained: dict, model) -> set[str]:
     return now
 
 
-def trainable_grads(model, batch) -> dict:
-    """One backward of the model's own loss; a copy of every trainable parameter's grad."""
+def trainable_grads(model, batch, absent_as_zero: bool = False) -> dict:
+    """One backward of the model's own loss; a copy of every trainable parameter's grad. A
+    parameter outside the graph fails, or with ``absent_as_zero`` counts as a zero grad."""
     model.zero_grad(set_to_none=True)
     model(**batch).loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert all(g is not None for g in grads.values())
-    return grads
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not absent_as_zero:
+        missing = [n for n, p in params if p.grad is None]
+        assert not missing, missing
+    return {n: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for n, p in params}
 
 
 def max_rel_err(a: dict, b: dict) -> float:

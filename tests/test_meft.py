@@ -169,6 +169,7 @@ def test_roberta_head_and_bare_model():
         ({"adapter_dropout": 1.0}, "method.adapter_dropout"),
         ({"adapter_activation": "sigmoidish"}, "method.adapter_activation"),
         ({"adapter_init": "xavier"}, "method.adapter_init"),
+        ({"output": "last"}, "method.output"),
         ({"streams": "three"}, "method.streams"),
         ({"streams": "one"}, "method.streams"),  # meft2 has a stand-alone F/G adapter
         ({"streams": "one", "num_rev_layers": 2}, "method.num_rev_layers"),
@@ -229,6 +230,16 @@ def test_linear_adapters_starting_at_zero(arch, variant):
     a = adapters[0]
     torch.nn.init.normal_(a.up.weight)
     assert torch.allclose(a(2 * x) - a(torch.zeros_like(x)), 2 * (a(x) - a(torch.zeros_like(x))))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_chain_output_gradients_equal_plain_autograd(variant):
+    model = tiny_model("bert", variant, output="chain").train()
+    batch = make_batch()
+    reference = trainable_grads(set_num_rev(model, 0), batch, absent_as_zero=True)
+    assert max_rel_err(trainable_grads(set_num_rev(model, LAYERS), batch, absent_as_zero=True), reference) <= 1e-8
+    mean = tiny_model("bert", variant).train()  # the same weights, the streams' average
+    assert max_rel_err(reference, trainable_grads(mean, batch, absent_as_zero=True)) > 1e-3
 
 
 @pytest.mark.parametrize("arch", ARCHS)
