@@ -5,9 +5,12 @@ ARC-Easy dev accuracy (all 570 questions, char-normalised choice log-likelihood,
 training path's scorer) and the cosine of its final hidden states to the pre-trained
 model's (mean over the real tokens of the dev prompts). MEFT1 scales x1 by λ (β = 1),
 MEFT2 scales x2 by β (λ = 1), MEFT3 both (λ = β). The forward in eval is the same for both
-inverses, so this measures the factors alone.
+inverses, so this measures the factors alone. ``--output chain`` measures MEFT's
+``method.output=chain`` (the stream holding the last pre-trained layer's output) instead of
+the streams' average.
 
-    python notebooks/meft_starting_point.py [--questions 570] [--out docs/figures/meft_starting_point.json]
+    python notebooks/meft_starting_point.py [--questions 570] [--variants meft1,meft2,meft3]
+        [--factors 0.1,0.01,0.001] [--output mean|chain] [--out docs/figures/meft_starting_point.json]
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--questions", type=int, default=570, help="first N ARC-Easy dev questions (all: 570)")
     p.add_argument("--factors", default="0.1,0.01,0.001")
+    p.add_argument("--variants", default="meft1,meft2,meft3")
+    p.add_argument("--output", default="mean", choices=("mean", "chain"), help="method.output")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
@@ -67,15 +72,16 @@ def main(argv=None) -> int:
     acc0, ref = evaluate(base)
     table = [{"variant": "pre-trained", "lam": None, "beta": None, "accuracy": acc0, "cosine": 1.0}]
     print(f"pre-trained: ARC-Easy dev {acc0:.1f} ({time.time() - t0:.0f} s)", flush=True)
-    for variant in ("meft1", "meft2", "meft3"):
+    for variant in args.variants.split(","):
         for factor in (float(f) for f in args.factors.split(",")):
             opts = {"meft1": {"lam": factor}, "meft2": {"beta": factor}, "meft3": {"lam": factor, "beta": factor}}
             torch.manual_seed(0)
-            model = apply_method(copy.deepcopy(base), variant, **opts[variant]).eval()
+            model = apply_method(copy.deepcopy(base), variant, output=args.output, **opts[variant]).eval()
             acc, states = evaluate(model)
             cos = torch.cat([F.cosine_similarity(a, b, dim=-1) for a, b in zip(states, ref)]).mean().item()
             layer = model.model.layers[0]
-            table.append({"variant": variant, "lam": layer.lam, "beta": layer.beta, "accuracy": acc, "cosine": cos})
+            table.append({"variant": variant, "lam": layer.lam, "beta": layer.beta, "output": args.output,
+                          "accuracy": acc, "cosine": cos})
             print(f"{variant} λ {layer.lam:g} β {layer.beta:g}: ARC-Easy dev {acc:.1f}, cosine {cos:.3f} "
                   f"({time.time() - t0:.0f} s)", flush=True)
     print(f"\n| variant | λ | β | ARC-Easy dev ({len(rows)} q) | cosine to the PLM |\n|---|---:|---:|---:|---:|")

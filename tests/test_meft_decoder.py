@@ -321,3 +321,9 @@ def test_pre_norm_decoders_default_to_their_own_factors(variant):
         assert (layer.lam, layer.beta) == expected, arch
     layer = stack(meft_decoder("llama", variant, lam=0.5, beta=0.25)).layers[0]
     assert (layer.lam, layer.beta) == (0.5, 0.25)
+    # the output: MEFT3 returns its chain stream (x2) on pre-norm decoders, the rest the average
+    chain = 1 if variant == "meft3" else None
+    for arch, expected in (("opt", chain), ("llama", chain), ("opt350", None)):
+        assert stack(meft_decoder(arch, variant)).output_stream == expected, arch
+    assert stack(meft_decoder("llama", variant, output="mean")).output_stream is None
+    assert stack(meft_decoder("opt350", variant, output="chain")).output_stream == (0 if variant == "meft2" else 1)

@@ -40,10 +40,11 @@ Options (shared by the three names; ``None`` picks the variant's default):
   λ = p/q ≠ 1 and layer; λ and β must then be rationals p/q with |p|, q <= 65536.
   ``float``: the paper's division in the model's dtype, whose rounding error grows ~1/λ
   per layer going down (``memtl recon``).
-- ``output``: what the stack returns after its last layer. ``mean`` (default): the two
-  streams' average (the paper's). ``chain``: the one stream that holds the last pre-trained
-  layer's output (MEFT3: y2), so that as λ, β -> 0 with zero adapters the output is the
-  pre-trained model's; still reversible, at the same memory.
+- ``output``: what the stack returns after its last layer. ``mean``: the two streams' average
+  (the paper's). ``chain``: the one stream that holds the last pre-trained layer's output
+  (MEFT3: y2), so that as λ, β -> 0 with zero adapters the output is the pre-trained model's;
+  still reversible, at the same memory. Default: ``mean``, and ``chain`` for MEFT3 on pre-norm
+  decoders (docs/RESULTS.md).
 - ``streams``: ``two`` (default): MEFT. ``one`` (MEFT3 only): an ablation, not reversible: the
   same adapters on the pre-trained model's own one-stream forward (each layer G(F(h)), no λ,
   β or averaging), with plain autograd's memory; with ``adapter_init=zero`` it starts
@@ -101,9 +102,9 @@ class MeftOptions(MethodOptions):
                                 null="the variant's default")
     inverse: str = option("exact", "how the backward rebuilds each layer's inputs", choices={
         "exact": "fixed-point streams, bit-exact at any depth", "float": "the paper's division"})
-    output: str = option("mean", "what the stack returns after its last layer", choices={
+    output: str | None = option(None, "what the stack returns after its last layer", choices={
         "mean": "the two streams' average, the paper's", "chain": "the stream holding the last pre-trained layer's "
-        "output"})
+        "output"}, null="the variant's default")
     streams: str = option("two", "the forward the adapters sit in", choices={
         "two": "MEFT's reversible streams", "one": "MEFT3's adapters on the pre-trained model's own forward, "
         "not reversible: an ablation"})
@@ -116,7 +117,8 @@ class MeftOptions(MethodOptions):
         decoder = config is not None and pre_norm_decoder(config)
         lam = (v.decoder_lam if decoder else v.lam) if self.lam is None else self.lam
         beta = (v.decoder_beta if decoder else v.beta) if self.beta is None else self.beta
-        return dataclasses.replace(self, lam=float(lam), beta=float(beta))
+        output = (v.decoder_output if decoder else "mean") if self.output is None else self.output
+        return dataclasses.replace(self, lam=float(lam), beta=float(beta), output=output)
 
     def __post_init__(self):
         super().__post_init__()
