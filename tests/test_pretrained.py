@@ -332,3 +332,26 @@ def test_a_folder_saved_before_peft_wrapped_sherls_late_lora_loads(backbone, tmp
     with torch.no_grad():
         again = memtl.from_pretrained(tmp_path / "m")(**batch).logits
     torch.testing.assert_close(again, logits, rtol=0, atol=0)
+
+
+def test_a_meft_folder_saved_before_method_output_loads_with_the_average(tmp_path):
+    """MEFT3's decoder default became output=chain; a folder whose options predate the option
+    ran the streams' average and must load as that, with the same logits."""
+    tok = load_tokenizer(entry("tiny_llama"))
+    torch.manual_seed(0)
+    model = memtl.apply_method(load_model(entry("tiny_llama"), 3, tok), "meft3", output="mean")
+    batch = dict(tok(SENTENCES, padding=True, return_tensors="pt"))
+    batch.pop("token_type_ids", None)
+    with torch.no_grad():
+        logits = model.eval()(**batch).logits
+    memtl.save_pretrained(model, tmp_path / "m", tokenizer=tok)
+    manifest = json.loads((tmp_path / "m" / "memtl.json").read_text())
+    assert manifest["options"].pop("output") == "mean"
+    (tmp_path / "m" / "memtl.json").write_text(json.dumps(manifest))
+    with torch.no_grad():
+        again = memtl.from_pretrained(tmp_path / "m")(**batch).logits
+    torch.testing.assert_close(again, logits, rtol=0, atol=0)
+    from memtl.methods.meft import meft_stacks
+
+    loaded = memtl.from_pretrained(tmp_path / "m")
+    assert [s.output_stream for s in meft_stacks(loaded)] == [None]  # the average, not the new default (chain)

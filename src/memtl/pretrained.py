@@ -195,7 +195,10 @@ def from_pretrained(folder: str | Path, backbone: str | Mapping[str, Any] | None
     model.to(getattr(torch, m.get("dtype", "float32")))
     if m.get("pair_head") == "siamese":
         model = siamese_head(model)
-    model = apply_method(model, m["method"], **m["options"])
+    options = dict(m["options"])
+    if m["method"] in ("meft1", "meft2", "meft3"):
+        options.setdefault("output", "mean")  # a folder saved before method.output: the streams' average
+    model = apply_method(model, m["method"], **options)
     wrapped = SiameseModel(model) if m.get("pair_head") == "siamese" else model
     _load_weights(wrapped, model, folder, m)
     return wrapped.eval()
