@@ -321,8 +321,8 @@ def test_pre_norm_decoders_default_to_their_own_factors(variant):
         assert (layer.lam, layer.beta) == expected, arch
     layer = stack(meft_decoder("llama", variant, lam=0.5, beta=0.25)).layers[0]
     assert (layer.lam, layer.beta) == (0.5, 0.25)
-    # the output: MEFT3 returns its chain stream (x2) on pre-norm decoders, the rest the average
-    chain = 1 if variant == "meft3" else None
+    # the output: MEFT2 and MEFT3 return their chain stream on pre-norm decoders, MEFT1 the average
+    chain = {"meft1": None, "meft2": 0, "meft3": 1}[variant]
     for arch, expected in (("opt", chain), ("llama", chain), ("opt350", None)):
         assert stack(meft_decoder(arch, variant)).output_stream == expected, arch
     assert stack(meft_decoder("llama", variant, output="mean")).output_stream is None

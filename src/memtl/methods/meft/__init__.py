@@ -42,9 +42,9 @@ Options (shared by the three names; ``None`` picks the variant's default):
   per layer going down (``memtl recon``).
 - ``output``: what the stack returns after its last layer. ``mean``: the two streams' average
   (the paper's). ``chain``: the one stream that holds the last pre-trained layer's output
-  (MEFT3: y2), so that as λ, β -> 0 with zero adapters the output is the pre-trained model's;
-  still reversible, at the same memory. Default: ``mean``, and ``chain`` for MEFT3 on pre-norm
-  decoders (docs/RESULTS.md).
+  (MEFT1: y1, MEFT2 and MEFT3: y2), so that as λ, β -> 0 with zero adapters the output is the
+  pre-trained model's; still reversible, at the same memory. Default: ``mean``, and ``chain`` for
+  MEFT2 and MEFT3 on pre-norm decoders (docs/RESULTS.md).
 - ``streams``: ``two`` (default): MEFT. ``one`` (MEFT3 only): an ablation, not reversible: the
   same adapters on the pre-trained model's own one-stream forward (each layer G(F(h)), no λ,
   β or averaging), with plain autograd's memory; with ``adapter_init=zero`` it starts
