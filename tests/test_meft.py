@@ -236,10 +236,12 @@ def test_linear_adapters_starting_at_zero(arch, variant):
 def test_chain_output_gradients_equal_plain_autograd(variant):
     model = tiny_model("bert", variant, output="chain").train()
     batch = make_batch()
-    reference = trainable_grads(set_num_rev(model, 0), batch, absent_as_zero=True)
-    assert max_rel_err(trainable_grads(set_num_rev(model, LAYERS), batch, absent_as_zero=True), reference) <= 1e-8
+    reference = trainable_grads(set_num_rev(model, 0), batch)
+    assert all(g.abs().max() > 0 for g in reference.values())  # MEFT1's last G adapter, outside the output, is frozen
+    assert max_rel_err(trainable_grads(set_num_rev(model, LAYERS), batch), reference) <= 1e-8
     mean = tiny_model("bert", variant).train()  # the same weights, the streams' average
-    assert max_rel_err(reference, trainable_grads(mean, batch, absent_as_zero=True)) > 1e-3
+    averaged = {n: g for n, g in trainable_grads(mean, batch).items() if n in reference}
+    assert max_rel_err(reference, averaged) > 1e-3
 
 
 @pytest.mark.parametrize("arch", ARCHS)

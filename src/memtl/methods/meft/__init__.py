@@ -43,7 +43,8 @@ Options (shared by the three names; ``None`` picks the variant's default):
 - ``output``: what the stack returns after its last layer. ``mean``: the two streams' average
   (the paper's). ``chain``: the one stream that holds the last pre-trained layer's output
   (MEFT1: y1, MEFT2 and MEFT3: y2), so that as λ, β -> 0 with zero adapters the output is the
-  pre-trained model's; still reversible, at the same memory. Default: ``mean``, and ``chain`` for
+  pre-trained model's; still reversible, at the same memory (MEFT1's last G adapter, outside
+  that stream, is frozen). Default: ``mean``, and ``chain`` for
   MEFT2 and MEFT3 on pre-norm decoders (docs/RESULTS.md).
 - ``streams``: ``two`` (default): MEFT. ``one`` (MEFT3 only): an ablation, not reversible: the
   same adapters on the pre-trained model's own one-stream forward (each layer G(F(h)), no λ,
@@ -161,6 +162,11 @@ def apply_meft(model: nn.Module, opts: MeftOptions, variant: str) -> nn.Module:
     for m in model.modules():  # ... except the adapters ...
         if isinstance(m, Adapter):
             m.requires_grad_(True)
+    if opts.output == "chain" and v.chain_skips_last_g:
+        # ... but MEFT1's last G adapter, which writes only to the stream output=chain drops:
+        # frozen, it is no trainable parameter that never learns (nor one DDP waits for)
+        for stack in meft_stacks(model):
+            stack_layers(stack)[-1].rev_adapter.requires_grad_(False)
     unfreeze_head(model, backbone)  # ... and the task head
     return model
 

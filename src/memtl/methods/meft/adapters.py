@@ -105,6 +105,12 @@ class Variant:
     # docs/RESULTS.md); MEFT1 keeps the paper's average
     decoder_output: str = "mean"
 
+    @property
+    def chain_skips_last_g(self) -> bool:
+        """Whether the chain stream is y1 = λx1 + F(x2) (MEFT1's), which the last layer's G
+        does not reach: under method.output=chain that G's adapter can get no gradient."""
+        return self.chain == (1 if self.switch else 0)
+
 
 VARIANTS: dict[str, Variant] = {
     "meft1": Variant("meft1", f="whole_layer", g="adapter", lam=0.1, beta=1.0, switch=True,
