@@ -222,6 +222,24 @@ def test_reversible_grads_equal_plain_autograd(variant):
         assert all(g.abs().max() > 0 for g in encoder_adapter_grads(grads).values())
 
 
+def test_meft1_chain_output_freezes_each_stacks_last_g_adapter():
+    """Under output=chain MEFT1 returns y1 = λx1 + F(x2): the last layer's G adapter writes only
+    to the dropped stream, in the encoder and in the decoder. Exactly those two are frozen, and
+    every parameter left trainable gets the same gradient as plain autograd's."""
+    model = tiny_bart("meft1", output="chain").train()
+    mean = tiny_bart("meft1").train()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad} - \
+        {n for n, p in mean.named_parameters() if not p.requires_grad}
+    assert frozen == {f"model.{s}.layers.{LAYERS - 1}.rev_adapter.{w}" for s in ("encoder", "decoder")
+                      for w in ("down.weight", "down.bias", "up.weight", "up.bias")}
+    assert count_parameters(mean)["trainable"] - count_parameters(model)["trainable"] == 2 * _adapter_size()
+    batch = make_batch()
+    reference = trainable_grads(set_num_rev(model, 0), batch)
+    assert all(g.abs().max() > 0 for g in reference.values())
+    for enc, dec in ((LAYERS, LAYERS), (1, 1)):
+        assert max_rel_err(trainable_grads(set_num_rev(model, enc, dec), batch), reference) <= 1e-8, (enc, dec)
+
+
 def _encoder_output_grad(model, batch):
     """The gradient the loss sends into the encoder output (what the decoder's backward returns)."""
     captured = {}

@@ -109,7 +109,7 @@ class Variant:
     def chain_skips_last_g(self) -> bool:
         """Whether the chain stream is y1 = λx1 + F(x2) (MEFT1's), which the last layer's G
         does not reach: under method.output=chain that G's adapter can get no gradient."""
-        return self.chain == (1 if self.switch else 0)
+        return self.g == "adapter" and self.chain == (1 if self.switch else 0)
 
 
 VARIANTS: dict[str, Variant] = {
