@@ -194,7 +194,7 @@ CASES = [
      "at 0, like LoRA's B: the adapters add exactly 0 at init)", 2),
     ("preflight", ["method=meft1", "method.output=3"], None,
      "method.output=3: choose mean (the two streams' average, the paper's) or chain (the stream holding the last "
-     "pre-trained layer's output), or null for the variant's default", 2),
+     "pre-trained layer's output), or null for chain on pre-norm decoders, mean elsewhere", 2),
     ("preflight", ["method=meft1", "method.streams=3"], None,
      "method.streams=3: choose two (MEFT's reversible streams) or one (MEFT3's adapters on the pre-trained "
      "model's own forward, not reversible: an ablation)", 2),

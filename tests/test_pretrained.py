@@ -334,10 +334,10 @@ def test_a_folder_saved_before_peft_wrapped_sherls_late_lora_loads(backbone, tmp
     torch.testing.assert_close(again, logits, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("variant", ["meft2", "meft3"])
+@pytest.mark.parametrize("variant", ["meft1", "meft2", "meft3"])
 def test_a_meft_folder_saved_before_method_output_loads_with_the_average(tmp_path, variant):
-    """MEFT2's and MEFT3's decoder default became output=chain; a folder whose options predate the
-    option ran the streams' average and must load as that, with the same logits."""
+    """MEFT's decoder default became output=chain; a folder whose options predate the option ran
+    the streams' average and must load as that, with the same logits."""
     tok = load_tokenizer(entry("tiny_llama"))
     torch.manual_seed(0)
     model = memtl.apply_method(load_model(entry("tiny_llama"), 3, tok), variant, output="mean")

@@ -44,8 +44,8 @@ Options (shared by the three names; ``None`` picks the variant's default):
   (the paper's). ``chain``: the one stream that holds the last pre-trained layer's output
   (MEFT1: y1, MEFT2 and MEFT3: y2), so that as λ, β -> 0 with zero adapters the output is the
   pre-trained model's; still reversible, at the same memory (MEFT1's last G adapter, outside
-  that stream, is frozen). Default: ``mean``, and ``chain`` for
-  MEFT2 and MEFT3 on pre-norm decoders (docs/RESULTS.md).
+  that stream, is frozen). Default: ``mean``, and ``chain`` on pre-norm decoders (OPT pre-LN,
+  LLaMA; docs/RESULTS.md).
 - ``streams``: ``two`` (default): MEFT. ``one`` (MEFT3 only): an ablation, not reversible: the
   same adapters on the pre-trained model's own one-stream forward (each layer G(F(h)), no λ,
   β or averaging), with plain autograd's memory; with ``adapter_init=zero`` it starts
@@ -105,7 +105,7 @@ class MeftOptions(MethodOptions):
         "exact": "fixed-point streams, bit-exact at any depth", "float": "the paper's division"})
     output: str | None = option(None, "what the stack returns after its last layer", choices={
         "mean": "the two streams' average, the paper's", "chain": "the stream holding the last pre-trained layer's "
-        "output"}, null="the variant's default")
+        "output"}, null="chain on pre-norm decoders, mean elsewhere")
     streams: str = option("two", "the forward the adapters sit in", choices={
         "two": "MEFT's reversible streams", "one": "MEFT3's adapters on the pre-trained model's own forward, "
         "not reversible: an ablation"})
@@ -113,12 +113,14 @@ class MeftOptions(MethodOptions):
 
     def for_model(self, config, method: str) -> "MeftOptions":
         """λ/β left at None take the variant's value for ``config``'s family: the paper's, or
-        the pre-norm decoder's (``Variant.decoder_lam``/``decoder_beta``)."""
+        the pre-norm decoder's (``Variant.decoder_lam``/``decoder_beta``); so does the output."""
         v = VARIANTS[method]
         decoder = config is not None and pre_norm_decoder(config)
         lam = (v.decoder_lam if decoder else v.lam) if self.lam is None else self.lam
         beta = (v.decoder_beta if decoder else v.beta) if self.beta is None else self.beta
-        output = (v.decoder_output if decoder else "mean") if self.output is None else self.output
+        # pre-norm decoders return the chain stream, which trains to a better model there than the
+        # streams' average (SmolLM2-135M ARC-Easy, three seeds per variant; docs/RESULTS.md)
+        output = ("chain" if decoder else "mean") if self.output is None else self.output
         return dataclasses.replace(self, lam=float(lam), beta=float(beta), output=output)
 
     def __post_init__(self):

@@ -100,10 +100,6 @@ class Variant:
     # it helps, as it costs log2(1/λ) bits of remainder per element and layer
     decoder_lam: float = 1.0
     decoder_beta: float = 1.0
-    # method.output on pre-norm decoders: MEFT2 and MEFT3 return the chain stream there, which
-    # trains to a better model than the streams' average (SmolLM2-135M ARC-Easy, three seeds;
-    # docs/RESULTS.md); MEFT1 keeps the paper's average
-    decoder_output: str = "mean"
 
     @property
     def chain_skips_last_g(self) -> bool:
@@ -116,11 +112,9 @@ VARIANTS: dict[str, Variant] = {
     "meft1": Variant("meft1", f="whole_layer", g="adapter", lam=0.1, beta=1.0, switch=True,
                      attn_adapter=False, rev_adapter=True, chain=1, decoder_lam=0.01),
     "meft2": Variant("meft2", f="adapter", g="whole_layer", lam=1.0, beta=0.1, switch=True,
-                     attn_adapter=False, rev_adapter=True, chain=0, decoder_beta=0.01,
-                     decoder_output="chain"),
+                     attn_adapter=False, rev_adapter=True, chain=0, decoder_beta=0.01),
     "meft3": Variant("meft3", f="attention_block", g="feed_forward_block", lam=0.1, beta=0.1, switch=False,
-                     attn_adapter=True, rev_adapter=False, chain=1, decoder_lam=0.001, decoder_beta=0.001,
-                     decoder_output="chain"),
+                     attn_adapter=True, rev_adapter=False, chain=1, decoder_lam=0.001, decoder_beta=0.001),
 }
 
 

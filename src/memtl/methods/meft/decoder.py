@@ -22,8 +22,9 @@ The module that owns the HF layer loop (``OPTDecoder``; ``LlamaModel``) is switc
 (install.py) to a subclass (``MeftOPTDecoder``; ``MeftLlamaModel``) whose ``forward`` does what HF's does
 (embeddings, OPT's ``project_in``/``project_out`` and learned positions or LLaMA's rotary
 embeddings, ``create_causal_mask``, final norm) but runs the layers as a reversible stack:
-both streams start from the embedding output and are averaged before the final norm
-(docs/DESIGN.md §1.2). The per-layer context handed to F and G is a ``DecoderContext`` (mask,
+both streams start from the embedding output, and the stream that carries the pre-trained
+layer chain (``method.output=chain``, the default here) or the streams' average goes into the
+final norm (docs/DESIGN.md §1.2). The per-layer context handed to F and G is a ``DecoderContext`` (mask,
 rotary cos/sin): non-differentiable, passed through the engine untouched. Sequence
 classification (last non-pad token), causal-LM and QA heads are HF's own and unchanged.
 
