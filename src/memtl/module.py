@@ -127,6 +127,8 @@ class FineTuneModule(L.LightningModule):
 
     # -- checkpoints: trainable weights only ----------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        from memtl.pretrained import unwrap
+
         trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["memtl"] = {
@@ -135,6 +137,9 @@ class FineTuneModule(L.LightningModule):
             "(a completed run writes its best weights there): memtl.from_pretrained('<run>/model')",
             "trainable_keys": len(checkpoint["state_dict"]),
             "config": self.run_config,
+            # the method's options as resolved for this backbone: a resume compares them, as a
+            # default that changes between versions leaves the config the same
+            "method": unwrap(self.model)[0].memtl_method["options"],
             # what a resumed run needs to continue exactly where this one stands
             "history": self.history,
             "best": self.best,

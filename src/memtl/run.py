@@ -160,6 +160,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         stamp = unwrap(module.model)[0].memtl_method  # options resolved for this backbone, and their defaults
         results["method"] = {"options": stamp["options"], "defaults": stamp["defaults"]}
         write_results(output_dir, results)
+        if resume:
+            check_resumed_model(resume["from"], module.model)
         if cfg.get("eval_before") and not resume:
             # the starting point (pre-trained model + method at init) on the dev split; kept
             # apart from the training history so model selection only sees trained weights
@@ -350,10 +352,13 @@ def find_resume(cfg: DictConfig) -> dict[str, Any] | None:
     except Exception as e:
         raise ConfigError(f"cannot read {path} to resume from ({type(e).__name__}: {e}): "
                           "add resume=never to start over") from None
-    before = _flat((ckpt.get("memtl") or {}).get("config") or {})
+    saved = ckpt.get("memtl") or {}
+    before = _flat(saved.get("config") or {})
     now = _flat(OmegaConf.to_container(cfg, resolve=True))
+    resolved = {f"method.{k}": v for k, v in (saved.get("method") or {}).items()}
     diff = sorted(k for k in before.keys() | now.keys()
                   if before.get(k, "<unset>") != now.get(k, "<unset>")
+                  and not (k in resolved and now.get(k) == resolved[k])  # pinned to what it resolved to
                   and not any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS))
     if diff:
         shown = ", ".join(f"{k}: {before.get(k, '<unset>')} -> {now.get(k, '<unset>')}" for k in diff[:3])
@@ -366,6 +371,45 @@ def find_resume(cfg: DictConfig) -> dict[str, Any] | None:
     except (OSError, ValueError):
         status = None
     return {"from": str(path), "global_step": ckpt["global_step"], "epoch": ckpt["epoch"], "previous_status": status}
+
+
+def check_resumed_model(path: str, model) -> None:
+    """After the model is built: the unfinished run's method options, as resolved for its
+    backbone, and its trainable weights must be this version's. A default that changed since
+    leaves the config the same, and would fail deep in the optimizer's state or train another
+    model; one line says which option to pin instead."""
+    import torch
+
+    from memtl.pretrained import peft_key_names, unwrap
+
+    ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # mmap: reads no weights
+    saved = (ckpt.get("memtl") or {}).get("method") or {}
+    now = unwrap(model)[0].memtl_method["options"]
+    changed = [k for k in saved if k in now and saved[k] != now[k]]
+    if changed:
+        shown = ", ".join(f"method.{k}: {saved[k]} -> {now[k]}" for k in changed[:3])
+        pin = " ".join(f"method.{k}={_override_value(saved[k])}" for k in changed)
+        raise ConfigError(f"{path} is an unfinished run whose method options this version resolves otherwise "
+                          f"({shown}; a default changed): add {pin} to resume it, or add resume=never to start over")
+    kept = set(peft_key_names(ckpt["state_dict"], {f"model.{k}": None for k in model.state_dict()}))
+    trainable = {f"model.{n}" for n, p in model.named_parameters() if p.requires_grad}
+    if kept != trainable:
+        odd = sorted(kept ^ trainable)
+        raise ConfigError(f"{path} is an unfinished run with other trainable weights than this version builds "
+                          f"({len(kept - trainable)} only in the run, {len(trainable - kept)} only here, e.g. "
+                          f"{odd[0]}): resume it with the memtl version that wrote it, or add resume=never to "
+                          "start over")
+
+
+def _override_value(value: Any) -> str:
+    """``value`` as a Hydra override writes it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    return str(value)
 
 
 def finish_last_checkpoint(trainer) -> None:
