@@ -132,50 +132,73 @@ def test_a_resumed_run_continues_the_same_wandb_run(glue_root, tmp_path):
     assert (tmp_path / "wandb_run_id").read_text().strip() != run_id  # ... and a new W&B run
 
 
-def _unfinished_before_the_change(glue_root, tmp_path, keep_resolved: bool) -> tuple[list[str], Path, bytes]:
-    """A MEFT1 decoder run stopped at step 2, its last.ckpt as the version before MEFT1's decoder
-    default changed wrote it: the option left at its default (null) in the config, resolved to
-    the streams' average; a checkpoint older still has no resolved options at all. Returns the
-    run's command (its default output), the checkpoint and its bytes."""
-    common = [f"data.root={glue_root}", *ARGS, "backbone=tiny_llama", "method=meft1", "logger=none",
-              *stop_once(2, tmp_path / "m", "crash")]
+MEFT1_DECODER = ["backbone=tiny_llama", "method=meft1", "logger=none"]
+
+
+def _unfinished_meft1(glue_root, tmp_path, *, as_before_the_change: bool, keep_resolved: bool) -> tuple[list[str], Path]:
+    """A MEFT1 decoder run (method.output=mean) stopped at step 2. ``as_before_the_change``: its
+    last.ckpt as the version before MEFT1's decoder default changed wrote it, the option left at
+    its default (null) in the config and resolved to the streams' average. ``keep_resolved``
+    false: a checkpoint from before the resolved options were recorded. Returns the command
+    that rerun resumes it (the default output where ``as_before_the_change``) and last.ckpt."""
+    common = [f"data.root={glue_root}", *ARGS, *MEFT1_DECODER, *stop_once(2, tmp_path / "m", "crash")]
     with pytest.raises(RuntimeError, match="planned crash"):
         run(compose([*common, "method.output=mean"], tmp_path))
     last = tmp_path / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     assert ckpt["memtl"]["method"]["output"] == ckpt["memtl"]["config"]["method"]["output"] == "mean"
-    ckpt["memtl"]["config"]["method"]["output"] = None
+    if as_before_the_change:
+        ckpt["memtl"]["config"]["method"]["output"] = None
     if not keep_resolved:
         del ckpt["memtl"]["method"]
     torch.save(ckpt, last)
-    return common, last, last.read_bytes()
+    return (common if as_before_the_change else [*common, "method.output=mean"]), last
 
 
 def test_resume_across_a_changed_default_names_the_option_to_pin(glue_root, tmp_path):
     """The same command, but this version resolves a default otherwise (MEFT1's output on
     pre-norm decoders: once the streams' average, now the chain stream, which freezes the last
-    G adapter): refused with the option to pin, nothing lost; pinned, the run resumes."""
-    common, last, written = _unfinished_before_the_change(glue_root, tmp_path, keep_resolved=True)
+    G adapter): refused before anything is written, with the option to pin; a wrong pin is
+    refused too; pinned, the run resumes and ends as an uninterrupted run ends."""
+    run(compose([f"data.root={glue_root}", *ARGS, *MEFT1_DECODER, "method.output=mean"], tmp_path / "whole"))
+    out = tmp_path / "run"
+    common, last = _unfinished_meft1(glue_root, out, as_before_the_change=True, keep_resolved=True)
+    written = {p: p.read_bytes() for p in (last, out / "results.json")}
     with pytest.raises(ConfigError, match=r"last\.ckpt is an unfinished run whose method options this version "
-                                          r"resolves otherwise \(method\.output: mean -> chain; a default changed\): "
-                                          r"add method\.output=mean to resume it, or add resume=never to start over"):
-        run(compose(common, tmp_path))
-    assert last.read_bytes() == written
-    assert [json.loads(p.read_text())["status"] for p in tmp_path.glob("results.previous-*.json")] == ["failed"]
-    res = run(compose([*common, "method.output=mean"], tmp_path))
-    assert res["status"] == "completed" and res["resumed"]["global_step"] == 2
-    assert res["trainer"]["global_step"] == 10 and res["method"]["options"]["output"] == "mean"
+                                          r"resolves otherwise \(method\.output: mean -> chain; a default may have "
+                                          r"changed\): add method\.output=mean to resume it, or add resume=never "
+                                          r"to start over"):
+        run(compose(common, out))
+    with pytest.raises(ConfigError, match=r"last\.ckpt is an unfinished run with other settings \(method\.output: "
+                                          r"None \(resolved mean\) -> chain\): rerun it with the same settings"):
+        run(compose([*common, "method.output=chain"], out))
+    assert {p: p.read_bytes() for p in written} == written  # nothing moved or lost
+    res = run(compose([*common, "method.output=mean"], out))
+    assert res["resumed"]["global_step"] == 2 and res["resumed"]["previous_status"] == "failed"  # the crash's
+    assert res["method"]["options"]["output"] == "mean"
+    assert_same_run(tmp_path / "whole", out)
 
 
 def test_resume_refuses_a_checkpoint_with_other_trainable_weights(glue_root, tmp_path):
-    """A checkpoint that records no resolved options: its trainable weights are compared, one
-    line instead of the optimizer's error on a parameter-group mismatch."""
-    common, last, written = _unfinished_before_the_change(glue_root, tmp_path, keep_resolved=False)
+    """A checkpoint that records no resolved options, written before the default changed: its
+    trainable weights are compared once the model is built, one line instead of the optimizer's
+    error on a parameter-group mismatch; the run's results.json records it."""
+    common, last = _unfinished_meft1(glue_root, tmp_path, as_before_the_change=True, keep_resolved=False)
+    written = last.read_bytes()
     with pytest.raises(ConfigError, match=r"last\.ckpt is an unfinished run with other trainable weights than this "
-                                          r"version builds \(4 only in the run, 0 only here, e\.g\. "
-                                          r"model\.model\.layers\.1\.rev_adapter\.down\.bias\): resume it with the "
-                                          r"memtl version that wrote it, or add resume=never to start over"):
+                                          r"version builds \(4 only in the run, 0 only here, 0 of another shape; "
+                                          r"e\.g\. model\.model\.layers\.1\.rev_adapter\.down\.bias\): resume it "
+                                          r"with the memtl version that wrote it, or add resume=never to start over"):
         run(compose(common, tmp_path))
     assert last.read_bytes() == written
+    assert read(tmp_path)["status"] == "failed" and "other trainable weights" in read(tmp_path)["error"]
+    assert [json.loads(p.read_text())["status"] for p in tmp_path.glob("results.previous-*.json")] == ["failed"]
     res = run(compose([*common, "resume=never"], tmp_path))
     assert res["status"] == "completed" and res["resumed"] is None
+
+
+def test_a_checkpoint_without_resolved_options_resumes_on_the_same_version(glue_root, tmp_path):
+    common, _ = _unfinished_meft1(glue_root, tmp_path, as_before_the_change=False, keep_resolved=False)
+    res = run(compose(common, tmp_path))
+    assert res["status"] == "completed" and res["resumed"]["global_step"] == 2
+    assert res["trainer"]["global_step"] == 10

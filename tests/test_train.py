@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -158,11 +159,21 @@ def test_results_written_when_the_run_breaks(glue_root, tmp_path, interrupt):
                   tmp_path)
     with pytest.raises((RuntimeError, SystemExit, KeyboardInterrupt)):
         run(cfg)
+    assert not torch.autograd.profiler._is_profiler_enabled  # batch 1 was being measured
     res = read(tmp_path)
     assert res["status"] == ("interrupted" if interrupt else "failed")
     assert res["config"]["method"]["name"] == "full" and res["params"]["trainable"] > 0
     if not interrupt:
         assert "planned failure" in res["error"]
+
+
+def test_a_run_that_fails_in_a_measured_step_exits_with_code_1(glue_root, tmp_path, monkeypatch):
+    """The memory profiler of the failed step is stopped: no segmentation fault at exit (139)."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+    proc = run_cli(["backbone=tiny_bert", "method=full", "task=glue/rte", f"data.root={glue_root}", *SMOKE,
+                    "+callbacks.fail._target_=failing_callback.FailAtBatch", f"hydra.run.dir={tmp_path}"])
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "planned failure at batch 1" in proc.stderr and read(tmp_path)["status"] == "failed"
 
 
 def test_rerun_in_the_same_folder_keeps_earlier_results(glue_root, tmp_path):

@@ -82,11 +82,19 @@ def model_type(backbone: Mapping[str, Any]) -> str:
         return str(backbone["model_type"])
     if backbone.get("source") == "random" and backbone.get("geometry"):
         return random_shape(backbone)[0]
-    from transformers import AutoConfig
+    return load_config(backbone).model_type
 
-    path = resolve_path(backbone)
+
+def load_config(backbone: Mapping[str, Any]):
+    """The backbone's transformers config without its weights: what the methods' family
+    defaults resolve against (``load_model`` adds the head's and the tokenizer's settings)."""
+    import transformers
+
+    if backbone.get("source") == "random":
+        mtype, shape = random_shape(backbone)
+        return getattr(transformers, CONFIG_CLASSES[mtype])(**shape, **(backbone.get("config") or {}))
     extra = {"gguf_file": backbone["gguf_file"]} if backbone.get("gguf_file") else {}
-    return _from_pretrained(AutoConfig, path, backbone, **extra).model_type
+    return _from_pretrained(transformers.AutoConfig, resolve_path(backbone), backbone, **extra)
 
 
 def qa_head(arch: str) -> str:

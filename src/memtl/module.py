@@ -127,6 +127,7 @@ class FineTuneModule(L.LightningModule):
 
     # -- checkpoints: trainable weights only ----------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        from memtl.methods import plain_options
         from memtl.pretrained import unwrap
 
         trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
@@ -139,7 +140,7 @@ class FineTuneModule(L.LightningModule):
             "config": self.run_config,
             # the method's options as resolved for this backbone: a resume compares them, as a
             # default that changes between versions leaves the config the same
-            "method": unwrap(self.model)[0].memtl_method["options"],
+            "method": plain_options(unwrap(self.model)[0].memtl_method["options"]),
             # what a resumed run needs to continue exactly where this one stands
             "history": self.history,
             "best": self.best,

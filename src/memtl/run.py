@@ -161,7 +161,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results["method"] = {"options": stamp["options"], "defaults": stamp["defaults"]}
         write_results(output_dir, results)
         if resume:
-            check_resumed_model(resume["from"], module.model)
+            check_resumed_weights(resume["from"], module.model)
         if cfg.get("eval_before") and not resume:
             # the starting point (pre-trained model + method at init) on the dev split; kept
             # apart from the training history so model selection only sees trained weights
@@ -355,16 +355,23 @@ def find_resume(cfg: DictConfig) -> dict[str, Any] | None:
     saved = ckpt.get("memtl") or {}
     before = _flat(saved.get("config") or {})
     now = _flat(OmegaConf.to_container(cfg, resolve=True))
+    # the method options as resolved for the backbone (checkpoints since this was recorded)
     resolved = {f"method.{k}": v for k, v in (saved.get("method") or {}).items()}
     diff = sorted(k for k in before.keys() | now.keys()
                   if before.get(k, "<unset>") != now.get(k, "<unset>")
                   and not (k in resolved and now.get(k) == resolved[k])  # pinned to what it resolved to
                   and not any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS))
     if diff:
-        shown = ", ".join(f"{k}: {before.get(k, '<unset>')} -> {now.get(k, '<unset>')}" for k in diff[:3])
+        def was(k):
+            b = before.get(k, "<unset>")
+            return f"{b} (resolved {resolved[k]})" if k in resolved and resolved[k] != b else b
+
+        shown = ", ".join(f"{k}: {was(k)} -> {now.get(k, '<unset>')}" for k in diff[:3])
         more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
         raise ConfigError(f"{path} is an unfinished run with other settings ({shown}{more}): rerun it with the "
                           "same settings to resume it, or add resume=never to start over")
+    if saved.get("method") is not None:
+        check_resolved_options(path, saved["method"], cfg)
     previous = Path(str(cfg.paths.output_dir)) / RESULTS_FILE
     try:
         status = json.loads(previous.read_text()).get("status")
@@ -373,32 +380,49 @@ def find_resume(cfg: DictConfig) -> dict[str, Any] | None:
     return {"from": str(path), "global_step": ckpt["global_step"], "epoch": ckpt["epoch"], "previous_status": status}
 
 
-def check_resumed_model(path: str, model) -> None:
-    """After the model is built: the unfinished run's method options, as resolved for its
-    backbone, and its trainable weights must be this version's. A default that changed since
-    leaves the config the same, and would fail deep in the optimizer's state or train another
-    model; one line says which option to pin instead."""
+def check_resolved_options(path: Path, saved: dict[str, Any], cfg: DictConfig) -> None:
+    """The same settings may resolve otherwise in this version (a family default that changed):
+    one line naming the options to pin, before anything is written."""
+    import dataclasses
+
+    from memtl.backbones import load_config
+    from memtl.methods import plain_options, resolved_options
+
+    now = plain_options(dataclasses.asdict(resolved_options(cfg.method.name, load_config(cfg.backbone),
+                                                            **method_kwargs(cfg.method))))
+    changed = [k for k in saved if k in now and saved[k] != now[k]]
+    if not changed:
+        return
+    shown = ", ".join(f"method.{k}: {saved[k]} -> {now[k]}" for k in changed[:3])
+    fix = (f"add {' '.join(f'method.{k}={_override_value(saved[k])}' for k in changed)} to resume it"
+           if all(saved[k] is not None for k in changed) else "resume it with the memtl version that wrote it")
+    raise ConfigError(f"{path} is an unfinished run whose method options this version resolves otherwise ({shown}; "
+                      f"a default may have changed): {fix}, or add resume=never to start over")
+
+
+def check_resumed_weights(path: str, model) -> None:
+    """After the model is built, before the optimizer state is restored: the unfinished run's
+    trainable weights (names and shapes) must be the ones this version trains. A checkpoint that
+    records no resolved options, or a default set inside a method, would otherwise end in
+    the optimizer's or load_state_dict's error."""
     import torch
 
-    from memtl.pretrained import peft_key_names, unwrap
+    from memtl.pretrained import peft_key_names
 
     ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # mmap: reads no weights
-    saved = (ckpt.get("memtl") or {}).get("method") or {}
-    now = unwrap(model)[0].memtl_method["options"]
-    changed = [k for k in saved if k in now and saved[k] != now[k]]
-    if changed:
-        shown = ", ".join(f"method.{k}: {saved[k]} -> {now[k]}" for k in changed[:3])
-        pin = " ".join(f"method.{k}={_override_value(saved[k])}" for k in changed)
-        raise ConfigError(f"{path} is an unfinished run whose method options this version resolves otherwise "
-                          f"({shown}; a default changed): add {pin} to resume it, or add resume=never to start over")
-    kept = set(peft_key_names(ckpt["state_dict"], {f"model.{k}": None for k in model.state_dict()}))
-    trainable = {f"model.{n}" for n, p in model.named_parameters() if p.requires_grad}
-    if kept != trainable:
-        odd = sorted(kept ^ trainable)
-        raise ConfigError(f"{path} is an unfinished run with other trainable weights than this version builds "
-                          f"({len(kept - trainable)} only in the run, {len(trainable - kept)} only here, e.g. "
-                          f"{odd[0]}): resume it with the memtl version that wrote it, or add resume=never to "
-                          "start over")
+    kept = {k: tuple(v.shape) for k, v in
+            peft_key_names(ckpt["state_dict"], {f"model.{k}": None for k in model.state_dict()}).items()}
+    trainable = {f"model.{n}": tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    if kept == trainable:
+        return
+    odd = sorted(kept.keys() ^ trainable.keys()) or sorted(k for k in kept if kept[k] != trainable[k])
+    example = (odd[0] if odd[0] not in kept or odd[0] not in trainable else
+               f"{odd[0]}: {list(kept[odd[0]])} in the run, {list(trainable[odd[0]])} here")
+    raise ConfigError(f"{path} is an unfinished run with other trainable weights than this version builds "
+                      f"({len(kept.keys() - trainable.keys())} only in the run, {len(trainable.keys() - kept.keys())} "
+                      f"only here, {sum(kept[k] != trainable[k] for k in kept.keys() & trainable.keys())} of "
+                      f"another shape; e.g. {example}): resume it with the memtl version that wrote it, or add "
+                      "resume=never to start over")
 
 
 def _override_value(value: Any) -> str:

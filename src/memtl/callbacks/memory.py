@@ -66,6 +66,13 @@ class MemoryMonitor(L.Callback):
             self._t0 = None
         self._seen += 1
 
+    def on_exception(self, trainer, pl_module, exception):
+        # a step that fails while measured: its profiler must stop, or the process that reports
+        # the failure ends in a segmentation fault at exit instead of the run's exit code
+        if self._meter is not None:
+            meter, self._meter = self._meter, None
+            meter.stop()
+
     def on_train_end(self, trainer, pl_module):
         summary = self.summary()
         flat = {f"memory/{k}": v for k, v in summary["memory"].items() if v is not None}

@@ -94,6 +94,11 @@ def resolved_options(name: str, config, **options: Any):
     return opts.for_model(config, name) if hasattr(opts, "for_model") else opts
 
 
+def plain_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Options as a config file writes them (tuples as lists), so they compare with one."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+
+
 def supported_model_type(model: nn.Module, architectures, method: str) -> str:
     """``model``'s ``config.model_type`` if ``architectures`` (a mapping keyed by model type)
     has it, else one ConfigError line naming the supported types."""
